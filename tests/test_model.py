@@ -1,0 +1,212 @@
+"""model.py and generate.py against transformers (the reference), on CPU in float32."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tokenizers
+import torch
+import transformers
+
+from generate import generate, sample
+from hf_models import BASE, CASES, make_hf_model, save_hf_model
+from model import ModelConfig, Transformer, token_logprobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (folder, transformers model) for every supported type and RoPE scaling."""
+    out = {}
+    for name in CASES:
+        path = tmp_path_factory.mktemp(name)
+        out[name] = (str(path), save_hf_model(name, path))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_equal_transformers_past_the_original_context(checkpoints, name):
+    path, hf = checkpoints[name]
+    ours = Transformer.from_pretrained(path).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 90))  # 90 > max_position_embeddings (64) > original (16/32)
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert diff < 1e-4, f"{name}: max abs diff {diff}"
+
+
+def test_old_rope_scaling_form_reads_like_rope_parameters():
+    old = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
+           "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    new = {k: v for k, v in old.items() if k not in ("rope_theta", "rope_scaling")}
+    new["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    a, b = ModelConfig.from_hf(old), ModelConfig.from_hf(new)
+    expected = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+    assert (a.rope_theta, a.rope_scaling) == (b.rope_theta, b.rope_scaling) == (500000.0, expected)
+
+
+def test_unsupported_model_type_is_refused_by_name():
+    with pytest.raises(ValueError, match="'gpt2' is not supported"):
+        ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 10})
+
+
+def test_packed_row_equals_documents_run_separately(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["glm"][0]).eval()
+    lengths = [5, 17, 9]
+    docs = [torch.randint(0, BASE["vocab_size"], (1, n)) for n in lengths]
+    row = torch.cat(docs, dim=1)
+    cu = torch.tensor([0, 5, 22, 31])
+    targets = torch.randint(0, BASE["vocab_size"], (1, 31))
+    with torch.no_grad():
+        packed = model(row, cu_seqlens=cu)
+        packed_lp = model(row, cu_seqlens=cu, targets=targets)
+        for i, doc in enumerate(docs):
+            a, b = cu[i].item(), cu[i + 1].item()
+            assert torch.allclose(packed[0, a:b], model(doc)[0], atol=1e-5)
+            assert torch.allclose(packed_lp[0, a:b], model(doc, targets=targets[:, a:b])[0], atol=1e-5)
+
+
+def test_chunked_logprobs_equal_full_softmax_with_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (50,))
+    t[::7] = -100
+    lp = token_logprobs(h, w, t, chunk=8)
+    full = torch.log_softmax(h @ w.T, -1).gather(1, t.clamp_min(0)[:, None])[:, 0] * (t != -100)
+    assert torch.allclose(lp, full, atol=1e-5)
+    g1 = torch.autograd.grad(lp.sum(), (h, w))
+    g2 = torch.autograd.grad(full.sum(), (h, w))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward_at_every_step(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama3"][0]).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (1, 30))
+    with torch.no_grad():
+        full = model(ids)[0]
+        model.setup_cache(1, 30)
+        slots = torch.arange(30)
+        prefill = model(ids[:, :10], cache_pos=slots[:10])[0]
+        assert torch.allclose(prefill, full[:10], atol=1e-5)
+        for t in range(10, 30):
+            mask = (slots <= t)[None, None, None]
+            step = model(ids[:, t:t + 1], cache_pos=slots[t:t + 1], mask=mask)[0, -1]
+            assert torch.allclose(step, full[t], atol=1e-5), f"step {t}"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "glm", "llama-dynamic"])
+def test_greedy_generation_equals_transformers_token_for_token(checkpoints, name):
+    path, hf = checkpoints[name]
+    ours = Transformer.from_pretrained(path).eval()
+    prompt = torch.randint(3, BASE["vocab_size"], (1, 12))
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=60, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, 12:].tolist()
+    got = generate(ours, [prompt[0].tolist()], max_new_tokens=60, temperature=0)[0]
+    assert got == ref
+
+
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["qwen2"][0]).eval()
+    prompts = [torch.randint(3, BASE["vocab_size"], (n,)).tolist() for n in (4, 11, 7)]
+    batched = generate(model, prompts, max_new_tokens=25, temperature=0)
+    alone = [generate(model, [p], max_new_tokens=25, temperature=0)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_generation_stops_at_any_stop_id_and_excludes_it(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompt = torch.randint(3, BASE["vocab_size"], (9,)).tolist()
+    free = generate(model, [prompt], max_new_tokens=30, temperature=0)[0]
+    stop = free[10]
+    first = free.index(stop)
+    assert generate(model, [prompt], max_new_tokens=30, temperature=0, stop_ids=[stop, 9999])[0] == free[:first]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_narrows_to_greedy(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompt = [5, 6, 7, 8]
+    a = generate(model, [prompt], 40, temperature=1.0, seed=3)[0]
+    b = generate(model, [prompt], 40, temperature=1.0, seed=3)[0]
+    c = generate(model, [prompt], 40, temperature=1.0, seed=4)[0]
+    greedy = generate(model, [prompt], 40, temperature=0)[0]
+    assert a == b and a != c
+    assert generate(model, [prompt], 40, temperature=1.0, top_k=1, seed=5)[0] == greedy
+    assert generate(model, [prompt], 40, temperature=1.0, top_p=1e-6, seed=5)[0] == greedy
+
+
+def test_top_p_and_top_k_never_draw_outside_the_kept_set():
+    torch.manual_seed(0)
+    logits = torch.tensor([[4.0, 3.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)  # p ~ 0.70, 0.26, 0.03, ...
+    assert set(sample(logits, 1.0, top_p=0.9).tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, top_k=3).tolist()) == {0, 1, 2}
+    freq = (sample(logits, 1.0) == 0).float().mean().item()
+    assert abs(freq - torch.softmax(logits[0], -1)[0].item()) < 0.04
+
+
+def test_save_pretrained_round_trips_through_transformers(checkpoints, tmp_path):
+    for name in ("llama-bias-tied", "glm", "qwen2"):
+        path, hf = checkpoints[name]
+        ours = Transformer.from_pretrained(path).eval()
+        out = tmp_path / name
+        ours.save_pretrained(out, max_shard_bytes=40_000)  # force several shards + index
+        assert (out / "model.safetensors.index.json").exists()
+        back = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+        again = Transformer.from_pretrained(out).eval()
+        ids = torch.randint(0, BASE["vocab_size"], (1, 20))
+        with torch.no_grad():
+            assert (back(ids).logits - hf(ids).logits).abs().max() < 1e-5
+            assert (again(ids) - ours(ids)).abs().max() == 0
+
+
+def test_bad_checkpoint_folders_raise_clear_errors(checkpoints, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(make_hf_model("llama").config.to_dict()))
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Transformer.from_pretrained(tmp_path)
+    # weights of another shape: the tensor is named
+    cfg = json.loads(open(os.path.join(checkpoints["llama"][0], "config.json")).read())
+    cfg["intermediate_size"] = 96
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    os.symlink(os.path.join(checkpoints["llama"][0], "model.safetensors"), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.\w+_proj.weight has shape"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def make_word_tokenizer(path, words):
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"] + words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"])
+    tok.save(os.path.join(path, "tokenizer.json"))
+
+
+def test_generate_cli_streams_an_answer_and_reports_a_summary(checkpoints, tmp_path):
+    model = Transformer.from_pretrained(checkpoints["llama"][0])
+    model.save_pretrained(tmp_path)
+    make_word_tokenizer(str(tmp_path), [f"w{i}" for i in range(BASE["vocab_size"] - 6)])
+    run = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path), "--prompt", "w1 w2 w3",
+                          "--max-new-tokens", "40", "--temperature", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    words = run.stdout.split()
+    assert 0 < len(words) <= 40 and all(w.startswith("w") or w.startswith("<") for w in words)
+    assert "tokens/s" in run.stderr and "words" in run.stderr
+
+
+def test_generate_cli_gives_a_clear_error_for_a_bad_folder(tmp_path):
+    run = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "error:" in run.stderr and "Traceback" not in run.stderr
