@@ -1,0 +1,112 @@
+"""Batch-1 decoding speed: ours (static cache, CUDA graph) next to transformers' generate, random weights.
+
+Usage (H100):  python bench/bench_generate.py                      # Llama-3.1-8B shape, bf16
+       (CPU):  python bench/bench_generate.py --shape tiny --device cpu --dtype float32 --new-tokens 64
+Prints one table: tokens/s after a 1,000-token prompt, and at 16k / 32k tokens of context.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from generate import generate  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+SHAPES = {
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                        max_position_embeddings=131072, rope_scaling={
+                            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}),
+    "tiny": dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=65536),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours_rate(model, prompt_len, new_tokens, compile):
+    """Decode tokens/s: time of (prompt + n new) minus time of (prompt + 1 new), same cache size."""
+    device = model.embed_tokens.weight.device
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist()
+    for n in (1, new_tokens):  # warm-up: each cache size is its own CUDA graph, captured before timing
+        generate(model, [prompt], n, compile=compile, temperature=0)
+    times = []
+    for n in (1, new_tokens):
+        sync(device)
+        t0 = time.perf_counter()
+        out = generate(model, [prompt], n, compile=compile, temperature=0)
+        sync(device)
+        times.append((time.perf_counter() - t0, len(out[0])))
+    (t1, n1), (tn, nn) = times
+    return (nn - n1) / (tn - t1)
+
+
+def hf_rate(cfg: ModelConfig, dtype, device, prompt_len, new_tokens, static):
+    import transformers
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).to(device).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    if static:
+        kw.update(cache_implementation="static", compile_config=None)
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    rates = []
+    for n in (1, new_tokens, new_tokens):  # the first long run warms up
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(device)
+        rates.append(time.perf_counter() - t0)
+    del model
+    return (new_tokens - 1) / (rates[2] - rates[0])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3.1-8b", choices=SHAPES)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompt-len", type=int, default=1000)
+    ap.add_argument("--new-tokens", type=int, default=4000)
+    ap.add_argument("--contexts", type=int, nargs="*", default=[16384, 32768])
+    ap.add_argument("--context-new-tokens", type=int, default=256)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' rates")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    compile = device.type == "cuda"
+    cfg = ModelConfig(**SHAPES[args.shape])
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to(dtype).to_empty(device=device)
+    model.init_weights()
+    model.eval()
+    rows = [("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile))]
+    for ctx in args.contexts:
+        rate = ours_rate(model, ctx - args.context_new_tokens, args.context_new_tokens, compile)
+        rows.append(("ours", f"{ctx - args.context_new_tokens}+{args.context_new_tokens}", rate))
+    if not args.no_hf:
+        del model
+        n = min(args.new_tokens, 1024)
+        rows.append(("transformers dynamic cache", f"{args.prompt_len}+{n}",
+                     hf_rate(cfg, dtype, device, args.prompt_len, n, static=False)))
+        if compile:
+            rows.append(("transformers static+compile", f"{args.prompt_len}+{n}",
+                         hf_rate(cfg, dtype, device, args.prompt_len, n, static=True)))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\nbatch-1 decoding, {args.shape} shape, {args.dtype}, {name}, torch {torch.__version__}")
+    print(f"| {'implementation':<28} | {'prompt+new tokens':>17} | {'tokens/s':>9} |")
+    print(f"| {'-' * 28} | {'-' * 17} | {'-' * 9} |")
+    for impl, what, rate in rows:
+        print(f"| {impl:<28} | {what:>17} | {rate:>9.1f} |")
+
+
+if __name__ == "__main__":
+    main()
