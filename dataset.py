@@ -5,10 +5,14 @@ Usage:
     ids, labels = encode_chat(tok, record["messages"])       # labels -100 outside assistant turns
     python dataset.py --data sft.jsonl --tokenizer DIR --max-tokens 32768   # tokenize, pack, cache, report
 """
+import bisect
+import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 
+import numpy as np
 import sentencepiece
 import tokenizers
 
@@ -196,14 +200,24 @@ def load_tokenizer(path, template=None) -> Tokenizer:
     return Tokenizer(path, template)
 
 
+def encode_chats(tok: Tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per conversation: labels equal the ids on assistant tokens and their end-of-turn
+    token, -100 elsewhere. All pieces of all conversations go through one batch encode."""
+    rendered = [TEMPLATES[tok.template](m, tok.bos, tok.eos) for m in conversations]
+    encoded = iter(tok.encode_batch([text for parts in rendered for text, _ in parts]))
+    out = []
+    for parts in rendered:
+        ids, labels = [], []
+        for _, is_target in parts:
+            piece = next(encoded)
+            ids += piece
+            labels += piece if is_target else [-100] * len(piece)
+        out.append((ids, labels))
+    return out
+
+
 def encode_chat(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels: labels equal the ids on assistant tokens and their end-of-turn token, else -100."""
-    ids, labels = [], []
-    for text, is_target in TEMPLATES[tok.template](messages, tok.bos, tok.eos):
-        piece = tok.encode(text)
-        ids += piece
-        labels += piece if is_target else [-100] * len(piece)
-    return ids, labels
+    return encode_chats(tok, [messages])[0]
 
 
 def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
@@ -211,3 +225,354 @@ def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
     if messages[-1]["role"] == "assistant":
         raise ValueError("the conversation already ends with an assistant turn")
     return encode_chat(tok, messages)[0]
+
+
+# -----------------------------------------------------------------------------
+# readers: a bad line names its file and line; with skip_bad it is counted and left out instead
+
+class DataError(ValueError):
+    pass
+
+
+def parse_sft(obj) -> list[dict]:
+    """A LongWriter-6k record {"messages": [...]} or {"prompt", "response"} -> messages."""
+    if not isinstance(obj, dict):
+        raise DataError("a record must be a JSON object")
+    if "messages" not in obj:
+        if isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+            obj = {"messages": [{"role": "user", "content": obj["prompt"]},
+                                {"role": "assistant", "content": obj["response"]}]}
+        else:
+            raise DataError('needs "messages", or "prompt" and "response" strings')
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError('"messages" must be a non-empty list')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise DataError(f"message {i} has no role")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"message {i} has unknown role {m['role']!r}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"message {i} ({m['role']}) has no content string")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"message {i} is an empty assistant turn")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("no assistant turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def parse_dpo(obj) -> tuple[list[dict], str, str]:
+    """{"prompt", "chosen", "rejected"} -> (prompt messages, chosen answer, rejected answer)."""
+    if not isinstance(obj, dict):
+        raise DataError("a record must be a JSON object")
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(obj.get(key), str) or not obj[key].strip():
+            raise DataError(f'"{key}" must be a non-empty string')
+    return [{"role": "user", "content": obj["prompt"]}], obj["chosen"], obj["rejected"]
+
+
+def read_jsonl(path, parse, skip_bad=False):
+    """Parsed records of a JSONL file and the number of bad lines skipped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    records, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(parse(json.loads(line)))
+            except (json.JSONDecodeError, DataError) as e:
+                if not skip_bad:
+                    what = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    raise DataError(f"{path}:{lineno}: {what} (use --skip-bad to skip such lines)") from None
+                bad += 1
+    return records, bad
+
+
+# -----------------------------------------------------------------------------
+# packing: whole conversations into rows of at most max_tokens
+
+def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: longest item first, each into the fullest bin it still fits (O(n log n))."""
+    bins, free = [], []  # free: sorted (remaining capacity, bin index)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = bisect.bisect_left(free, (sizes[i], -1))
+        if j == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - sizes[i], len(bins) - 1))
+        else:
+            room, b = free.pop(j)
+            bins[b].append(i)
+            bisect.insort(free, (room - sizes[i], b))
+    return bins
+
+
+def shift_labels(labels: list[int]) -> list[int]:
+    """Targets for next-token prediction inside one conversation: position t predicts label t + 1."""
+    return labels[1:] + [-100]
+
+
+def pack(units: list[list[tuple[list[int], list[int]]]], max_tokens: int, mode="pack", truncate=False):
+    """Place units (a unit = conversations that must share a row: one for SFT, chosen + rejected for DPO).
+
+    mode "pack": best-fit decreasing; "sorted": one unit per row, rows sorted by length.
+    A unit longer than a row is skipped and counted, or cut to max_tokens with truncate=True.
+    Returns the rows (see `Packed`) and the number of over-long units (skipped or truncated).
+    """
+    kept, over = [], 0
+    for unit in units:
+        if sum(len(ids) for ids, _ in unit) > max_tokens:
+            over += 1
+            if not truncate or len(unit) > 1:  # a DPO pair is never cut
+                continue
+            unit = [(unit[0][0][:max_tokens], unit[0][1][:max_tokens])]
+        kept.append(unit)
+    sizes = [sum(len(ids) for ids, _ in u) for u in kept]
+    if mode == "pack":
+        rows = best_fit_decreasing(sizes, max_tokens)
+    elif mode == "sorted":
+        rows = [[i] for i in sorted(range(len(kept)), key=lambda i: sizes[i])]
+    else:
+        raise ValueError(f"unknown packing mode {mode!r} (pack or sorted)")
+    ids, targets, doc_lens, row_docs = [], [], [], [0]
+    for row in rows:
+        for i in row:
+            for conv_ids, conv_labels in kept[i]:
+                ids.append(np.asarray(conv_ids, dtype=np.int32))
+                targets.append(np.asarray(shift_labels(conv_labels), dtype=np.int32))
+                doc_lens.append(len(conv_ids))
+        row_docs.append(len(doc_lens))
+    empty = [np.zeros(0, dtype=np.int32)]
+    arrays = {"ids": np.concatenate(ids or empty), "targets": np.concatenate(targets or empty),
+              "doc_offsets": np.concatenate([[0], np.cumsum(doc_lens, dtype=np.int64)]),
+              "row_docs": np.array(row_docs, dtype=np.int64)}
+    return Packed(arrays, max_tokens), over
+
+
+class Packed:
+    """Packed rows as four flat arrays (memory-mapped when read from the cache):
+
+    ids, targets (N,)  every conversation's tokens and shifted targets (-100: no loss), row after row
+    doc_offsets        (n_docs + 1,) where each conversation starts in ids
+    row_docs           (n_rows + 1,) which conversations each row holds
+    """
+
+    def __init__(self, arrays, max_tokens):
+        self.ids, self.targets = arrays["ids"], arrays["targets"]
+        self.doc_offsets, self.row_docs = arrays["doc_offsets"], arrays["row_docs"]
+        self.max_tokens = int(max_tokens)
+
+    def __len__(self):
+        return len(self.row_docs) - 1
+
+    def row(self, r: int) -> dict:
+        """One row: ids, targets, position_ids (restarting at 0 per conversation), cu_seqlens, and the
+        number of target tokens of each conversation (doc_targets) and of the row (n_targets)."""
+        d0, d1 = self.row_docs[r], self.row_docs[r + 1]
+        offsets = self.doc_offsets[d0:d1 + 1]
+        a, b = offsets[0], offsets[-1]
+        cu = (offsets - a).astype(np.int64)
+        targets = np.asarray(self.targets[a:b], dtype=np.int64)
+        position_ids = np.arange(b - a) - np.repeat(cu[:-1], np.diff(cu))
+        doc_targets = np.add.reduceat(targets != -100, cu[:-1]) if b > a else np.zeros(0, dtype=np.int64)
+        return {"ids": np.asarray(self.ids[a:b], dtype=np.int64), "targets": targets, "position_ids": position_ids,
+                "cu_seqlens": cu, "doc_targets": doc_targets.astype(np.int64), "n_targets": int(doc_targets.sum())}
+
+    def efficiency(self) -> float:
+        """Real tokens / row capacity."""
+        return len(self.ids) / max(1, len(self) * self.max_tokens)
+
+    def save(self, path):
+        """Write every array into a fresh folder, then rename it into place: never a half-written cache."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for name in ("ids", "targets", "doc_offsets", "row_docs"):
+            np.save(os.path.join(tmp, name + ".npy"), getattr(self, name))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"max_tokens": self.max_tokens}, f)
+        os.rename(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        arrays = {n: np.load(os.path.join(path, n + ".npy"), mmap_mode="r")
+                  for n in ("ids", "targets", "doc_offsets", "row_docs")}
+        return cls(arrays, read_json(os.path.join(path, "meta.json"))["max_tokens"])
+
+
+def file_digest(*paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_files(tok: Tokenizer) -> list[str]:
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
+    return [os.path.join(tok.path, n) for n in names if os.path.isfile(os.path.join(tok.path, n))]
+
+
+def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=False, skip_bad=False,
+                kind="sft", cache_dir=None, log=print) -> Packed:
+    """Tokenize and pack a JSONL file once; later calls with the same file, tokenizer and settings read
+    the memory-mapped cache. kind "sft": one unit per conversation; "dpo": chosen and rejected together."""
+    settings = json.dumps([kind, max_tokens, mode, truncate, skip_bad, tok.template, 1])  # 1: format version
+    key = file_digest(data, *tokenizer_files(tok))[:16] + "-" + hashlib.sha256(settings.encode()).hexdigest()[:8]
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(data)), ".cache")
+    path = os.path.join(cache_dir, f"{os.path.basename(data)}-{key}")
+    if os.path.isdir(path):
+        log(f"{data}: packed cache {path}")
+        return Packed.load(path)
+    if kind == "sft":
+        conversations, bad = read_jsonl(data, parse_sft, skip_bad)
+        units = [[c] for c in encode_chats(tok, conversations)]
+    else:
+        pairs, bad = read_jsonl(data, parse_dpo, skip_bad)
+        encoded = encode_chats(tok, [p + [{"role": "assistant", "content": a}] for p, c, r in pairs for a in (c, r)])
+        units = [encoded[i:i + 2] for i in range(0, len(encoded), 2)]
+    packed, over = pack(units, max_tokens, mode, truncate)
+    os.makedirs(cache_dir, exist_ok=True)
+    packed.save(path)
+    log(f"{data}: {len(units)} records ({bad} bad lines skipped), {over} longer than {max_tokens} tokens "
+        f"{'truncated' if truncate else 'skipped'}; {len(packed)} rows, {len(packed.ids)} tokens, "
+        f"packing efficiency {packed.efficiency():.1%}")
+    return packed
+
+
+
+# -----------------------------------------------------------------------------
+# built-in corpus: long-writing SFT data shaped like AgentWrite output, cheap enough for a 2-core CPU.
+# An instruction asks for N words (N a multiple of 100, one token); the answer is N/100 sections, each
+# headed "## i*100 of N" (the plan step's running word budget) and about 100 words long, then </s>.
+# Knowing when to stop is then copying and comparing numbers, which a tiny model can learn, so its
+# output length is limited by what it saw in training: the effect LongWriter is about.
+
+TOPICS = [
+    ("the ocean", "whale reef tide current shell coral", "deep blue cold calm", "drifts hides feeds rises"),
+    ("old castles", "tower wall gate knight stone moat", "tall grey silent ancient", "guards stands falls holds"),
+    ("city gardens", "rose bench path fountain leaf bee", "green quiet bright small", "grows blooms waits shades"),
+    ("mountain trails", "peak ridge pine hiker snow valley", "steep high wild narrow", "climbs winds crosses rests"),
+    ("the night sky", "star moon comet planet cloud orbit", "dark distant pale vast", "shines turns moves glows"),
+    ("river towns", "bridge boat mill market dock ferry", "busy slow wet crowded", "carries flows trades docks"),
+    ("desert life", "dune cactus lizard oasis camel sand", "dry hot golden empty", "survives shifts burns endures"),
+    ("kitchen craft", "bread oven spice knife pot recipe", "warm fresh sharp simple", "bakes mixes cuts serves"),
+    ("winter forests", "fox owl branch frost trunk trail", "white frozen still hidden", "sleeps hunts cracks shelters"),
+    ("island harbors", "ship sail anchor gull lighthouse net", "salty windy bright sturdy", "sails waits guides returns"),
+]
+WORDINGS = ["write a {n} word essay about {t} .", "please write {n} words on {t} .",
+            "i need an article of {n} words about {t} ."]
+SENTENCES = ["the {a} {n} {v} near the {n2} .", "every {n} {v} and the {a} {n2} {v2} .",
+             "in this part the {n} {v} with a {a} {n2} .", "a {a} {n} {v} while the {n2} {v2} slowly ."]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"]
+
+
+def builtin_answer(n_words: int, topic, rng) -> str:
+    _, nouns, adjs, verbs = (t.split() if i else t for i, t in enumerate(topic))
+    sections = []
+    for i in range(1, max(1, n_words // 100) + 1):
+        body, words = [], 1  # "of" in the heading counts one word
+        while words < 100:
+            s = rng.choice(SENTENCES).format(a=rng.choice(adjs), n=rng.choice(nouns), n2=rng.choice(nouns),
+                                             v=rng.choice(verbs), v2=rng.choice(verbs))
+            body.append(s)
+            words += count_words(s)
+        sections.append(f"## {i * 100} of {n_words}\n" + " ".join(body))
+    return "\n\n".join(sections)
+
+
+def builtin_corpus(count: int, min_words=100, max_words=1600, seed=0) -> list[dict]:
+    """`count` SFT records asking for (and answering with) N words, N uniform over multiples of 100."""
+    import random
+    rng = random.Random(seed)
+    lengths = range(max(100, min_words // 100 * 100), max_words + 1, 100)
+    records = []
+    for _ in range(count):
+        n, topic = rng.choice(lengths), rng.choice(TOPICS)
+        prompt = rng.choice(WORDINGS).format(n=n, t=topic[0])
+        records.append({"messages": [{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": builtin_answer(n, topic, rng)}]})
+    return records
+
+
+def build_tokenizer(path, texts, max_number=10000):
+    """Train a word-level tokenizer on the texts (plus every length N up to max_number, so requests
+    beyond the training lengths are still one token) and write it as a checkpoint's tokenizer files."""
+    os.makedirs(path, exist_ok=True)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()  # no decoder: decode joins words with spaces
+    numbers = " ".join(str(n) for n in range(100, max_number + 1, 100))
+    trainer = tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIALS, min_frequency=1)
+    tok.train_from_iterator(list(texts) + [numbers], trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": "plain"}, f)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": SPECIALS.index("<s>"), "eos_token_id": SPECIALS.index("</s>")}, f)
+
+
+def write_builtin(out_dir, count=2000, min_words=100, max_words=1600, seed=0, tokenizer_dir=None):
+    """The built-in corpus as out_dir/train.jsonl, and its tokenizer (in tokenizer_dir, default out_dir)."""
+    os.makedirs(out_dir, exist_ok=True)
+    records = builtin_corpus(count, min_words, max_words, seed)
+    data = os.path.join(out_dir, "train.jsonl")
+    with open(data + ".tmp", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(data + ".tmp", data)
+    tok_dir = tokenizer_dir or out_dir
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        texts = [m["content"] for r in records for m in r["messages"]]
+        texts += [w.format(n=100, t=t[0]) for w in WORDINGS for t in TOPICS]  # every wording and topic
+        build_tokenizer(tok_dir, texts)
+    return data, tok_dir
+
+
+# -----------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    data: str = ""            # SFT (or DPO with --kind dpo) JSONL; empty: write the built-in corpus first
+    tokenizer: str = ""       # folder with tokenizer.json or tokenizer.model
+    template: str = ""        # chat template; empty: detect from the tokenizer files
+    kind: str = "sft"         # sft | dpo
+    max_tokens: int = 32768   # row length (LongWriter packs 32k tokens)
+    mode: str = "pack"        # pack (best-fit decreasing) | sorted (one conversation per row)
+    truncate: bool = False    # cut over-long conversations instead of skipping them
+    skip_bad: bool = False    # skip and count malformed lines instead of stopping
+    cache_dir: str = ""
+    builtin_out: str = "runs/builtin"  # where the built-in corpus goes when --data is empty
+    count: int = 2000
+    min_words: int = 100
+    max_words: int = 1600
+    seed: int = 0
+
+
+def main():
+    import argparse
+    import sys
+    cfg = DataConfig()
+    ap = argparse.ArgumentParser(description="Tokenize and pack SFT/DPO data (cached), or write the built-in corpus.")
+    for name, value in vars(cfg).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            ap.add_argument(flag, action="store_true")
+        else:
+            ap.add_argument(flag, type=type(value), default=value)
+    cfg = DataConfig(**vars(ap.parse_args()))
+    try:
+        if not cfg.data:
+            cfg.data, tok_dir = write_builtin(cfg.builtin_out, cfg.count, cfg.min_words, cfg.max_words, cfg.seed)
+            cfg.tokenizer = cfg.tokenizer or tok_dir
+            print(f"built-in corpus: {cfg.count} records of {cfg.min_words}-{cfg.max_words} words -> {cfg.data}")
+        if not cfg.tokenizer:
+            ap.error("--tokenizer DIR is required with --data")
+        tok = load_tokenizer(cfg.tokenizer, cfg.template or None)
+        load_packed(cfg.data, tok, cfg.max_tokens, cfg.mode, cfg.truncate, cfg.skip_bad, cfg.kind, cfg.cache_dir or None)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

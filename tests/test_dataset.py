@@ -1,0 +1,201 @@
+"""dataset.py: templates, labels, readers, packing, cache, built-in corpus, count_words."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import sentencepiece
+import tokenizers
+
+from dataset import (TEMPLATES, DataError, Tokenizer, builtin_corpus, count_words, encode_chat, load_packed, pack,
+                     parse_sft, read_jsonl, write_builtin)
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Write 2 words"},
+        {"role": "assistant", "content": "Two words."}]
+
+EXPECTED = {
+    "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nWrite 2 words<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nTwo words.<|eot_id|>",
+    "inst": "<s>[INST]<<SYS>>\nBe brief.\n<</SYS>>\n\nHi there[/INST]Hello!</s>[INST]Write 2 words[/INST]Two words.</s>",
+    "glm4": "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\nHello!<|endoftext|>"
+            "<|user|>\nWrite 2 words<|assistant|>\nTwo words.<|endoftext|>",
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+              "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nWrite 2 words<|im_end|>\n"
+              "<|im_start|>assistant\nTwo words.<|im_end|>\n",
+    "plain": "<s><system> Be brief. <user> Hi there <assistant> Hello!</s><user> Write 2 words <assistant> Two words.</s>",
+}
+PROMPT_END = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "inst": "[/INST]",
+              "glm4": "<|assistant|>", "chatml": "<|im_start|>assistant\n", "plain": "<assistant>"}
+END = {"llama3": "<|eot_id|>", "inst": "</s>", "glm4": "<|endoftext|>", "chatml": "<|im_end|>", "plain": "</s>"}
+ALL_SPECIALS = ["<s>", "</s>", "<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>", "<|im_start|>",
+                "<|im_end|>", "<user>", "<assistant>", "<system>"]
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_template_strings_are_exact(name):
+    assert "".join(text for text, _ in TEMPLATES[name](CONV, "<s>", "</s>")) == EXPECTED[name]
+    prompt = "".join(text for text, _ in TEMPLATES[name](CONV[:4], "<s>", "</s>"))
+    assert prompt.endswith(PROMPT_END[name]) and EXPECTED[name].startswith(prompt)
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer.json that knows every template's special tokens."""
+    path = tmp_path_factory.mktemp("bpe")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=ALL_SPECIALS,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Hello there, write two words. Be brief!"] * 50, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_labels_are_exactly_the_assistant_turns_and_their_end_token(bpe_dir, name):
+    tok = Tokenizer(bpe_dir, template=name)
+    ids, labels = encode_chat(tok, CONV)
+    assert len(ids) == len(labels)
+    assert ids == tok.encode(EXPECTED[name]) or tok.decode(ids) == tok.decode(tok.encode(EXPECTED[name]))
+    lead = "\n" if name == "glm4" else " " if name == "plain" else ""
+    want = tok.encode(lead + "Hello!" + END[name]) + tok.encode(lead + "Two words." + END[name])
+    assert [t for t in labels if t != -100] == want
+    assert all(l in (-100, i) for i, l in zip(ids, labels))
+    assert [t for t in labels if t != -100][-1] == tok.specials[END[name]]  # the end-of-turn token is learned
+
+
+def test_sentencepiece_tokenizer_model_is_read(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(["write a long story about the sea and the ships"] * 200))
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=40, hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                             minloglevel=2)
+    tok = Tokenizer(str(tmp_path), template="inst")
+    assert tok.decode(tok.encode("write a story")) == "write a story"
+    assert tok.specials["<s>"] == 1 and 2 in tok.stop_ids
+    ids, labels = encode_chat(tok, [{"role": "user", "content": "the sea"}, {"role": "assistant", "content": "ships"}])
+    assert ids[0] == 1 and ids[-1] == 2 and labels[-1] == 2 and labels[0] == -100
+
+
+def test_count_words_counts_chinese_characters_and_english_words():
+    assert count_words("Hello, 世界! It's 2024 — 你好 world") == 4 + 4  # It's -> It + s; digits are not words
+    assert count_words("") == 0
+    assert count_words("写一篇文章") == 5
+
+
+def test_malformed_lines_name_file_line_and_problem(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "p", "response": "r"})
+    rows = [good, "{oops", json.dumps({"messages": [{"content": "x"}]}),
+            json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),
+            json.dumps({"messages": [{"role": "user", "content": "q"}]}), json.dumps([1])]
+    f.write_text("\n".join(rows) + "\n")
+    problems = ["not valid JSON", "message 0 has no role", "empty assistant turn", "no assistant turn",
+                "must be a JSON object"]
+    for line, problem in enumerate(problems, 2):
+        lines = [good] + [rows[line - 1]]
+        f.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=f"bad.jsonl:2: .*{problem}"):
+            read_jsonl(str(f), parse_sft)
+    f.write_text("\n".join(rows) + "\n")
+    records, bad = read_jsonl(str(f), parse_sft, skip_bad=True)
+    assert len(records) == 1 and bad == 5
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_jsonl(str(tmp_path / "missing.jsonl"), parse_sft)
+
+
+def random_convs(n, rng, lo=1, hi=60):
+    convs = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        ids = [rng.randint(3, 99) for _ in range(length)]
+        cut = rng.randint(0, length - 1)
+        convs.append((ids, [-100] * cut + ids[cut:]))
+    return convs
+
+
+def test_packing_keeps_conversations_whole_within_rows_and_counts_targets():
+    rng = random.Random(0)
+    convs = random_convs(300, rng)
+    packed, over = pack([[c] for c in convs], max_tokens=128)
+    assert over == 0
+    seen = []
+    for r in range(len(packed)):
+        row = packed.row(r)
+        cu = row["cu_seqlens"]
+        assert cu[0] == 0 and cu[-1] == len(row["ids"]) <= 128
+        for d in range(len(cu) - 1):
+            a, b = cu[d], cu[d + 1]
+            assert list(row["position_ids"][a:b]) == list(range(b - a))
+            assert row["targets"][b - 1] == -100  # no prediction across a document boundary
+            seen.append((list(row["ids"][a:b]), list(row["targets"][a:b])))
+            assert row["doc_targets"][d] == np.sum(row["targets"][a:b] != -100)
+        assert row["n_targets"] == sum(row["doc_targets"])
+    # unpacking returns every conversation exactly, with targets = labels shifted by one
+    expected = sorted((ids, labels[1:] + [-100]) for ids, labels in convs)
+    assert sorted(seen) == expected
+
+
+def test_packing_efficiency_exceeds_95_percent_on_a_longwriter_mix():
+    rng = random.Random(1)
+    # tokens ~ 1.3 x words: most answers 2k-10k words, 15% short chat
+    lengths = [rng.randint(2600, 13000) if rng.random() < 0.85 else rng.randint(100, 1300) for _ in range(3000)]
+    packed, _ = pack([[([1] * n, [1] * n)] for n in lengths], max_tokens=32768)
+    assert packed.efficiency() > 0.95
+
+
+def test_over_long_conversations_are_skipped_or_truncated():
+    convs = [[([1] * 10, [1] * 10)], [([2] * 50, [2] * 50)], [([3] * 20, [3] * 20)]]
+    packed, over = pack(convs, max_tokens=30)
+    assert over == 1 and sorted(set(packed.ids.tolist())) == [1, 3]
+    packed, over = pack(convs, max_tokens=30, truncate=True)
+    assert over == 1 and (packed.ids == 2).sum() == 30
+    sorted_rows, _ = pack(convs, max_tokens=60, mode="sorted")
+    assert [len(sorted_rows.row(r)["ids"]) for r in range(3)] == [10, 20, 50]
+
+
+def test_cache_is_reused_and_rebuilt_when_settings_or_data_change(tmp_path):
+    data, tok_dir = write_builtin(str(tmp_path), count=40, max_words=300)
+    tok = Tokenizer(tok_dir)
+    os.makedirs(tmp_path / ".cache" / "train.jsonl-stale.tmp-1")  # a half-written cache is never read
+    logs = []
+    a = load_packed(data, tok, max_tokens=1024, log=logs.append)
+    b = load_packed(data, tok, max_tokens=1024, log=logs.append)
+    assert "packed cache" not in logs[0] and "packed cache" in logs[1]
+    assert np.array_equal(a.ids, b.ids) and isinstance(b.ids, np.memmap)
+    load_packed(data, tok, max_tokens=2048, log=logs.append)
+    assert "packed cache" not in logs[2]
+    with open(data, "a") as f:
+        f.write(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    c = load_packed(data, tok, max_tokens=1024, log=logs.append)
+    assert "packed cache" not in logs[3] and len(c.ids) > len(a.ids)
+
+
+def test_builtin_corpus_is_deterministic_and_answers_have_the_asked_length():
+    a, b = builtin_corpus(30, 100, 1200, seed=3), builtin_corpus(30, 100, 1200, seed=3)
+    assert a == b and a != builtin_corpus(30, 100, 1200, seed=4)
+    for r in a:
+        prompt, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        n = int([w for w in prompt.split() if w.isdigit()][0])
+        assert 100 <= n <= 1200 and answer.count("## ") == n // 100
+        assert abs(count_words(answer) - n) <= 0.1 * n
+        assert answer.rstrip().split("\n\n")[-1].startswith(f"## {n} of {n}")
+
+
+def test_builtin_tokenizer_encodes_the_corpus_without_unknown_words(tmp_path):
+    data, tok_dir = write_builtin(str(tmp_path), count=20, max_words=500)
+    tok = Tokenizer(tok_dir)
+    assert tok.template == "plain" and tok.stop_ids == [tok.specials["</s>"]]
+    record = json.loads(open(data).readline())
+    ids, labels = encode_chat(tok, record["messages"])
+    assert tok.specials["<unk>"] not in ids
+    assert tok.decode([t for t in labels if t != -100]).split() == record["messages"][1]["content"].split()
+    assert len(tok.encode("write a 9000 word essay about the ocean .")) == 9  # lengths past training: one token
