@@ -524,7 +524,9 @@ def write_builtin(out_dir, count=2000, min_words=100, max_words=1600, seed=0, to
     tok_dir = tokenizer_dir or out_dir
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         texts = [m["content"] for r in records for m in r["messages"]]
-        texts += [w.format(n=100, t=t[0]) for w in WORDINGS for t in TOPICS]  # every wording and topic
+        # every word the generator can write, so that a small corpus still gives a complete vocabulary
+        texts += [w.format(n=100, t=t[0]) for w in WORDINGS for t in TOPICS] + [" ".join(t[1:]) for t in TOPICS]
+        texts += [s.replace("{", "").replace("}", "") for s in SENTENCES]
         build_tokenizer(tok_dir, texts)
     return data, tok_dir
 

@@ -199,3 +199,26 @@ def test_builtin_tokenizer_encodes_the_corpus_without_unknown_words(tmp_path):
     assert tok.specials["<unk>"] not in ids
     assert tok.decode([t for t in labels if t != -100]).split() == record["messages"][1]["content"].split()
     assert len(tok.encode("write a 9000 word essay about the ocean .")) == 9  # lengths past training: one token
+
+
+def test_dpo_pairs_pack_chosen_and_rejected_side_by_side_in_one_row(tmp_path):
+    _, tok_dir = write_builtin(str(tmp_path), count=5, max_words=200)
+    tok = Tokenizer(tok_dir)
+    pairs = [{"prompt": f"write a {n} word essay about the ocean .", "chosen": "the deep whale " * (n // 100),
+              "rejected": "the reef ."} for n in (100, 300, 200, 500)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    packed = load_packed(str(data), tok, max_tokens=40, kind="dpo", log=lambda s: None)
+    answers = []
+    for r in range(len(packed)):
+        row = packed.row(r)
+        cu = row["cu_seqlens"]
+        assert len(cu) % 2 == 1  # an even number of documents: whole pairs only
+        for d in range(len(cu) - 1):
+            a, b = cu[d], cu[d + 1]
+            answers.append(tok.decode([t for t in row["targets"][a:b] if t != -100]))
+    chosen, rejected = answers[0::2], answers[1::2]
+    assert sorted(chosen) == sorted(("the deep whale " * k).strip() for k in (1, 2, 3))
+    assert rejected == ["the reef ."] * 3
+    assert tok.specials["<unk>"] not in packed.ids
+    assert len(chosen) == 3  # the 500-word pair does not fit 40 tokens and is skipped
