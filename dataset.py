@@ -418,6 +418,8 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
                 kind="sft", cache_dir=None, log=print) -> Packed:
     """Tokenize and pack a JSONL file once; later calls with the same file, tokenizer and settings read
     the memory-mapped cache. kind "sft": one unit per conversation; "dpo": chosen and rejected together."""
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"{data}: data file not found")
     settings = json.dumps([kind, max_tokens, mode, truncate, skip_bad, tok.template, 1])  # 1: format version
     key = file_digest(data, *tokenizer_files(tok))[:16] + "-" + hashlib.sha256(settings.encode()).hexdigest()[:8]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(data)), ".cache")

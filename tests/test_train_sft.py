@@ -1,0 +1,185 @@
+"""train_sft.py: the length-normalized loss over packed rows, accumulation, resume, 2 ranks, errors."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_sft
+from dataset import pack, write_builtin
+from model import ModelConfig, Transformer
+from train_sft import TrainConfig, global_counts, lr_at, micro_batch_loss, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus")
+    data, tok = write_builtin(str(path), count=80, min_words=100, max_words=400, seed=1)
+    return data, tok
+
+
+def run(corpus, out, **kw):
+    data, tok = corpus
+    base = dict(model="tiny", data=data, tokenizer=tok, out=str(out), max_tokens=512, batch_rows=4, lr=3e-3,
+                weight_decay=0.0, device="cpu", max_steps=4)
+    return [r["loss"] for r in train(TrainConfig(**{**base, **kw}))]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+
+
+def random_conversations(n, seed=0):
+    rng = np.random.default_rng(seed)
+    convs = []
+    for _ in range(n):
+        length = int(rng.integers(4, 40))
+        ids = rng.integers(0, 50, length).tolist()
+        cut = int(rng.integers(1, length - 1))
+        convs.append((ids, [-100] * cut + ids[cut:]))
+    return convs
+
+
+def reference_loss(model, convs, reduction):
+    """Each conversation alone through the model; token mean or mean of per-conversation means."""
+    nll, counts = [], []
+    for ids, labels in convs:
+        logits = model(torch.tensor([ids]))[0]
+        targets = torch.tensor(labels[1:] + [-100])
+        lp = torch.log_softmax(logits, -1).gather(1, targets.clamp_min(0)[:, None])[:, 0] * (targets != -100)
+        nll.append(-lp.sum())
+        counts.append(int((targets != -100).sum()))
+    if reduction == "token":
+        return sum(nll) / sum(counts)
+    return sum(n / c for n, c in zip(nll, counts)) / len(convs)
+
+
+def packed_loss(model, convs, reduction, max_tokens, micro_rows):
+    """The training loss over all rows, as train() computes it: micro-batches summed."""
+    packed, _ = pack([[c] for c in convs], max_tokens)
+    rows = [packed.row(r) for r in range(len(packed))]
+    n_tokens, n_convs = global_counts(rows)
+    return sum(micro_batch_loss(model, rows[i:i + micro_rows], reduction, n_tokens, n_convs, "cpu")
+               for i in range(0, len(rows), micro_rows))
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_packed_loss_equals_conversations_run_one_by_one(reduction):
+    model, convs = tiny_model(), random_conversations(12)
+    ref = reference_loss(model, convs, reduction)
+    assert torch.allclose(packed_loss(model, convs, reduction, 64, 1), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_loss_and_gradients_do_not_depend_on_rows_or_accumulation(reduction):
+    model, convs = tiny_model(), random_conversations(16, seed=1)
+    grads = []
+    for max_tokens, micro_rows in ((48, 1), (48, 3), (120, 1), (1000, 1)):
+        model.zero_grad()
+        loss = packed_loss(model, convs, reduction, max_tokens, micro_rows)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, g in grads[1:]:
+        assert torch.allclose(loss, grads[0][0], atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, grads[0][1]))
+
+
+def test_the_two_reductions_weigh_long_and_short_answers_differently():
+    model = tiny_model()
+    convs = random_conversations(2, seed=5)
+    long_conv = (list(range(40)), [-100] * 2 + list(range(2, 40)))
+    token = packed_loss(model, convs + [long_conv], "token", 200, 1)
+    sequence = packed_loss(model, convs + [long_conv], "sequence", 200, 1)
+    assert not torch.allclose(token, sequence)
+
+
+def test_schedule_warms_up_then_decays_by_cosine():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55, abs=0.02)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 0.1
+
+
+def test_gradient_accumulation_4x1_equals_1x4(corpus, tmp_path):
+    a = run(corpus, tmp_path / "a", micro_rows=1)
+    b = run(corpus, tmp_path / "b", micro_rows=4)
+    assert np.allclose(a, b, rtol=1e-5)
+    wa = Transformer.from_pretrained(tmp_path / "a" / "step_4").state_dict()
+    wb = Transformer.from_pretrained(tmp_path / "b" / "step_4").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_resumed_run_equals_the_uninterrupted_one(corpus, tmp_path):
+    full = run(corpus, tmp_path / "full", max_steps=6, save_every=3, keep=0)
+    # the state an interruption after step 4 leaves: checkpoint at 3, log lines up to 4, no step_6
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "step_6")
+    (cut / "latest").write_text("step_3\n")
+    lines = (cut / "log.jsonl").read_text().splitlines()[:4]
+    (cut / "log.jsonl").write_text("\n".join(lines) + "\n")
+    resumed = run(corpus, cut, max_steps=6, save_every=3, keep=0, resume=True)
+    assert resumed == full[3:]  # bit for bit
+    assert [json.loads(l)["step"] for l in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_tiny_model_drives_its_loss_well_down(corpus, tmp_path):
+    losses = run(corpus, tmp_path, max_steps=80, lr=5e-3)
+    assert losses[0] > 5.0 and losses[-1] < 0.4 * losses[0]  # from ~ln(vocab) to well under half
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    real = train_sft.micro_batch_loss
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1  # batch_rows 4, micro_rows 1: four calls per step; step 3 starts at call 9
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 9 else loss
+    monkeypatch.setattr(train_sft, "micro_batch_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="step 3: loss is nan.*step_2"):
+        run(corpus, tmp_path, max_steps=5, save_every=2)
+    assert (tmp_path / "latest").read_text().strip() == "step_2"
+    Transformer.from_pretrained(tmp_path / "step_2")  # intact and loadable
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_give_the_losses_of_one_process(corpus, tmp_path):
+    data, tok = corpus
+    args = ["train_sft.py", "--model", "tiny", "--data", data, "--tokenizer", tok, "--max-tokens", "512",
+            "--batch-rows", "4", "--lr", "3e-3", "--device", "cpu", "--max-steps", "3"]
+    one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port())] + args + ["--out", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert len(read("two")) == 3 and np.allclose(read("one"), read("two"), rtol=1e-5)
+
+
+def test_missing_or_corrupt_data_gives_a_clear_error(corpus, tmp_path):
+    _, tok = corpus
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{broken\n")
+    for data, message in ((tmp_path / "missing.jsonl", "missing.jsonl: data file not found"),
+                          (bad, "bad.jsonl:2: not valid JSON")):
+        out = subprocess.run([sys.executable, "train_sft.py", "--model", "tiny", "--data", str(data), "--tokenizer", tok,
+                              "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,393 @@
+"""Supervised fine-tuning on packed long-writing conversations, with LongWriter's length-normalized loss.
+
+Usage:
+    python train_sft.py                                           # tiny run on the built-in corpus (CPU, minutes)
+    python train_sft.py --model Llama-3.1-8B --data longwriter-6k.jsonl --out runs/sft
+    torchrun --nproc_per_node 8 train_sft.py --model ... --data ...   # FSDP2 over 8 GPUs (or nodes)
+    python train_sft.py ... --resume                              # continue from the last checkpoint in --out
+
+Loss (--loss-reduction), both over the *global* batch (all rows, accumulation steps and ranks):
+  token     sum of -log p over every target token / number of target tokens. The LongWriter paper's
+            choice: a 10,000-word answer weighs 100x a 100-word one, as its tokens do.
+  sequence  mean over conversations of each conversation's mean -log p (LongAlign's weighting):
+            every conversation weighs the same, whatever its length.
+Either way the loss does not depend on how conversations happened to be packed into rows.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dataset import load_packed, load_tokenizer, tokenizer_files, write_builtin
+from model import ModelConfig, Transformer, read_config, save_hf
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""             # HF checkpoint folder, a config.json to start from scratch, or a preset ("tiny")
+    data: str = ""              # SFT JSONL; empty: the built-in corpus
+    tokenizer: str = ""         # folder with the tokenizer; default: --model's folder
+    template: str = ""          # chat template; empty: detect from the tokenizer files
+    out: str = "runs/sft"
+    # data (LongWriter: 32k-token packs, over-long conversations skipped)
+    max_tokens: int = 32768
+    packing: str = "pack"       # pack | sorted
+    truncate: bool = False
+    skip_bad: bool = False
+    # optimization (LongWriter SFT recipe where known: lr 1e-5, 3% warmup + cosine, wd 0.1,
+    # betas (0.9, 0.95), 4 epochs, bf16, global batch of 8 packs)
+    loss_reduction: str = "token"  # token | sequence
+    epochs: int = 4
+    max_steps: int = 0          # > 0: stop after this many optimizer steps
+    batch_rows: int = 8         # global batch, in packed rows
+    micro_rows: int = 1         # rows per forward on one rank; accumulation = batch_rows / (micro_rows * ranks)
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup: float = 0.03        # fraction of the steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"     # compute dtype on CUDA (weights and optimizer stay float32)
+    checkpointing: bool = False  # activation checkpointing: recompute each block in backward
+    compile: bool = False       # torch.compile the MLPs (attention's per-document loop stays eager)
+    # checkpoints and logs
+    save_every: int = 0         # steps; 0: only at the end
+    keep: int = 2               # checkpoints kept (0: all)
+    resume: bool = False
+    seed: int = 0
+    device: str = ""            # default: cuda if available
+
+
+# the built-in default: a tiny model from scratch on the built-in corpus, a few minutes on 2 CPU cores
+BUILTIN = dict(model="tiny", max_tokens=2048, epochs=2, batch_rows=4, lr=3e-3, warmup=0.05, weight_decay=0.0,
+               out="runs/sft-builtin")
+PRESETS = {"tiny": dict(model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192)}
+
+
+# -----------------------------------------------------------------------------
+# distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process
+
+def setup_distributed(device_arg: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_arg.startswith("cuda") if device_arg else torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def log0(*args):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# model: rank 0 reads (or initializes) the full weights, every rank gets its shard
+
+def model_config(name: str, vocab_size: int) -> tuple[ModelConfig, str | None]:
+    """(config, checkpoint folder to load or None to start from scratch)."""
+    if name in PRESETS:
+        return ModelConfig(vocab_size=vocab_size, tie_word_embeddings=True, **PRESETS[name]), None
+    if name.endswith(".json"):
+        with open(name) as f:
+            return ModelConfig.from_hf(json.load(f)), None
+    return ModelConfig.from_hf(read_config(name)), name
+
+
+def build_model(cfg: ModelConfig, weights: str | None, seed: int, world: int, device, compute_dtype,
+                checkpointing=False, compile=False):
+    """float32 master weights; with several ranks, FSDP2 shards each block (bf16 compute, fp32 reduce)."""
+    full = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        if weights:
+            full = Transformer.from_pretrained(weights, torch.float32, "cpu").state_dict()
+        else:
+            torch.manual_seed(seed)
+            full = Transformer(cfg).state_dict()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.checkpointing = checkpointing
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        model.to_empty(device=device)
+        set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=True))
+    else:
+        model.to_empty(device=device)
+        model.tie_weights()
+        model.load_state_dict(full)
+    if compile:
+        for block in model.layers:
+            block.mlp.compile()
+    return model
+
+
+def full_state_dict(model, optimizer=None):
+    """The whole model (and optimizer) state on rank 0's CPU, gathered from the shards when sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer or [], options=opts)
+
+
+# -----------------------------------------------------------------------------
+# loss
+
+def token_weights(rows: list[dict], reduction: str, n_tokens: int, n_convs: int) -> np.ndarray:
+    """Per-token weight w so that sum(w * -log p) over the global batch is the chosen loss.
+
+    token:    w = 1 / (target tokens in the global batch)
+    sequence: w = 1 / (target tokens of the token's conversation * conversations in the global batch)
+    """
+    out = []
+    for row in rows:
+        is_target = row["targets"] != -100
+        if reduction == "token":
+            out.append(is_target / n_tokens)
+        else:
+            per_doc = np.where(row["doc_targets"] > 0, 1.0 / np.maximum(row["doc_targets"], 1) / n_convs, 0.0)
+            out.append(is_target * np.repeat(per_doc, np.diff(row["cu_seqlens"])))
+    return np.concatenate(out)
+
+
+def micro_batch_loss(model, rows: list[dict], reduction: str, n_tokens: int, n_convs: int, device):
+    """This micro-batch's share of the global loss: its rows run as one packed row (B = 1)."""
+    ids = torch.from_numpy(np.concatenate([r["ids"] for r in rows])).to(device)
+    targets = torch.from_numpy(np.concatenate([r["targets"] for r in rows])).to(device)
+    pos = torch.from_numpy(np.concatenate([r["position_ids"] for r in rows])).to(device)
+    offsets = np.cumsum([0] + [len(r["ids"]) for r in rows])
+    cu = torch.from_numpy(np.concatenate([r["cu_seqlens"][:-1] + o for r, o in zip(rows, offsets)] + [offsets[-1:]]))
+    w = torch.from_numpy(token_weights(rows, reduction, n_tokens, n_convs)).to(device, torch.float32)
+    logp = model(ids[None], position_ids=pos[None], cu_seqlens=cu.to(device), targets=targets[None])[0]
+    return -(logp * w).sum()
+
+
+def global_counts(rows: list[dict]) -> tuple[int, int]:
+    """Target tokens and conversations (with at least one target) of a global batch."""
+    return sum(r["n_targets"] for r in rows), sum(int((r["doc_targets"] > 0).sum()) for r in rows)
+
+
+# -----------------------------------------------------------------------------
+# schedule, data order, checkpoints
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over the first `warmup` fraction of steps, then cosine from lr down to min_lr."""
+    warm = max(1, math.ceil(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def batch_rows(n_rows: int, step: int, batch: int, seed: int) -> list[int]:
+    """Row indices of global batch `step`: a fresh seeded shuffle each epoch, incomplete batches dropped.
+    A function of the step alone, so a resumed run sees exactly the batches it would have seen."""
+    per_epoch = n_rows // batch
+    epoch, b = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(n_rows)
+    return order[b * batch:(b + 1) * batch].tolist()
+
+
+def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, tokenizer):
+    """out/step_N/: HF folder (config.json, safetensors, tokenizer files) + trainer_state.pt, written under
+    a temporary name and renamed, then out/latest points at it. Older ones beyond --keep are removed."""
+    model_sd, optim_sd = full_state_dict(model, optimizer)
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = os.path.join(cfg.out, f"step_{step}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_hf(model_sd, model.config, tmp)
+        for f in tokenizer_files(tokenizer):
+            shutil.copy(f, tmp)
+        torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "rng": torch.get_rng_state()},
+                   os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        with open(os.path.join(cfg.out, "latest.tmp"), "w") as f:
+            f.write(f"step_{step}\n")
+        os.replace(os.path.join(cfg.out, "latest.tmp"), os.path.join(cfg.out, "latest"))
+        done = sorted((d for d in os.listdir(cfg.out) if d.startswith("step_") and not d.endswith(".tmp")),
+                      key=lambda d: int(d.split("_")[1]))
+        for old in done[:-cfg.keep] if cfg.keep else []:
+            shutil.rmtree(os.path.join(cfg.out, old))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(model, optimizer, path: str, world: int) -> int:
+    """Restore weights, optimizer and step from out/step_N; returns the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
+    model_sd = Transformer.from_pretrained(path, torch.float32, "cpu").state_dict()
+    opts = StateDictOptions(full_state_dict=True)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=state["optimizer"], options=opts)
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def flops_per_token(cfg: ModelConfig, mean_doc_len: float) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + causal attention (6 x layers x hidden x doc length)."""
+    d, L = cfg.hidden_size, cfg.num_hidden_layers
+    attn = d * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim + cfg.num_attention_heads * cfg.head_dim * d
+    params = L * (attn + 3 * d * cfg.intermediate_size) + d * cfg.vocab_size
+    return 6 * params + 6 * L * cfg.num_attention_heads * cfg.head_dim * mean_doc_len
+
+
+# -----------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run SFT; returns the per-step log records (also written to out/log.jsonl)."""
+    rank, world, device = setup_distributed(cfg.device)
+    if cfg.loss_reduction not in ("token", "sequence"):
+        raise ValueError(f"--loss-reduction must be token or sequence, not {cfg.loss_reduction!r}")
+    per_step = cfg.micro_rows * world
+    if cfg.batch_rows % per_step:
+        raise ValueError(f"--batch-rows {cfg.batch_rows} is not a multiple of --micro-rows x ranks = {per_step}")
+    os.makedirs(cfg.out, exist_ok=True)
+    if not cfg.data:  # the built-in corpus, written once by rank 0
+        data_dir = os.path.join(cfg.out, "data")
+        if rank == 0:
+            write_builtin(data_dir, count=600, min_words=100, max_words=800, seed=cfg.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        cfg.data, cfg.tokenizer = os.path.join(data_dir, "train.jsonl"), cfg.tokenizer or data_dir
+    if not cfg.model:
+        raise ValueError("--model is required with --data (a checkpoint folder, a config.json or 'tiny')")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
+    packed = None
+    for r in range(world):  # rank 0 tokenizes and writes the cache; the others read it
+        if r == rank:
+            packed = load_packed(cfg.data, tokenizer, cfg.max_tokens, cfg.packing, cfg.truncate, cfg.skip_bad,
+                                 log=log0)
+        if dist.is_initialized():
+            dist.barrier()
+    if len(packed) < cfg.batch_rows:
+        raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows}")
+    steps_per_epoch = len(packed) // cfg.batch_rows
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
+    on_cuda = device.type == "cuda"
+    compute_dtype = getattr(torch, cfg.dtype) if on_cuda else torch.float32
+    model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype, cfg.checkpointing, cfg.compile)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=on_cuda)
+    start, last_good = 0, None
+    latest = os.path.join(cfg.out, "latest")
+    if cfg.resume and os.path.isfile(latest):
+        last_good = os.path.join(cfg.out, open(latest).read().strip())
+        start = load_checkpoint(model, optimizer, last_good, world)
+        log0(f"resumed from {last_good} at step {start}")
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    if rank == 0 and os.path.exists(log_path):  # keep the lines of the steps that the checkpoint holds
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    log0(f"{mcfg.model_type} model, {n_params / 1e6:.2f}M parameters on {world} x {device.type}; {len(packed)} rows, "
+         f"{steps_per_epoch} steps/epoch, {total} steps, loss {cfg.loss_reduction}")
+
+    autocast = torch.autocast("cuda", dtype=compute_dtype) if on_cuda and world == 1 else torch.autocast("cpu", enabled=False)
+    peak_flops = 989e12 * world  # H100 SXM dense bf16
+    records, t_start = [], time.perf_counter()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = [packed.row(i) for i in batch_rows(len(packed), step, cfg.batch_rows, cfg.seed)]
+        n_tokens, n_convs = global_counts(rows)
+        mine = rows[rank::world]
+        loss_sum = torch.zeros((), device=device)
+        for m in range(0, len(mine), cfg.micro_rows):
+            with autocast:
+                loss = micro_batch_loss(model, mine[m:m + cfg.micro_rows], cfg.loss_reduction, n_tokens, n_convs, device)
+            (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already global
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss_value}; stopping. Last good checkpoint: "
+                                     f"{last_good or 'none yet'} (untouched)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens = sum(len(r["ids"]) for r in rows)
+        rec = {"step": step + 1, "epoch": step // steps_per_epoch + 1, "loss": loss_value, "lr": lr,
+               "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt}
+        if on_cuda:
+            docs = sum(len(r["cu_seqlens"]) - 1 for r in rows)
+            rec["mfu"] = flops_per_token(mcfg, tokens / docs) * tokens / dt / peak_flops
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        records.append(rec)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            eta = (time.perf_counter() - t_start) / (step + 1 - start) * (total - step - 1)
+            extra = f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gib']:.1f} GiB" if on_cuda else ""
+            print(f"step {step + 1}/{total} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                  f"{rec['tokens_per_s']:,.0f} tok/s{extra} | eta {eta / 60:.1f} min", flush=True)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total:
+            save_checkpoint(model, optimizer, step + 1, cfg, tokenizer)
+            last_good = os.path.join(cfg.out, f"step_{step + 1}")
+    log0(f"done: {total} steps; checkpoint {last_good}")
+    return records
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Flags map one to one onto TrainConfig; with neither --model nor --data, BUILTIN fills what is unset."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in vars(TrainConfig()).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            ap.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+        else:
+            ap.add_argument(flag, type=type(value), default=argparse.SUPPRESS)
+    given = vars(ap.parse_args(argv))
+    builtin = BUILTIN if not given.get("model") and not given.get("data") else {}
+    return TrainConfig(**{**builtin, **given})
+
+
+def main():
+    cfg = parse_args()
+    try:
+        train(cfg)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
