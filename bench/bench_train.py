@@ -1,0 +1,131 @@
+"""SFT step speed and peak memory: our train_sft step next to transformers', one packed row per step.
+
+Usage (H100):  python bench/bench_train.py                 # Llama-3.2-1B shape, rows of 16k, 32k, 64k tokens
+       (CPU):  python bench/bench_train.py --shape tiny --device cpu --lengths 1024
+Ours: float32 master weights, bf16 autocast, activation checkpointing, chunked LM head, fused AdamW,
+on a single-document row and on a row packing five documents (3/8, 1/4, 3/16, 1/8, 1/16 of it).
+transformers: bf16 weights, SDPA, gradient checkpointing, fused AdamW, one causal sequence.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import ModelConfig  # noqa: E402
+from train_sft import build_model, flops_per_token, micro_batch_loss  # noqa: E402
+
+SHAPES = {
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                        max_position_embeddings=131072, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=65536, tie_word_embeddings=True),
+}
+
+
+def row_of(lengths, vocab):
+    ids = np.random.default_rng(0).integers(0, vocab, sum(lengths))
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    pos = np.concatenate([np.arange(n) for n in lengths])
+    return {"ids": ids, "targets": np.roll(ids, -1), "position_ids": pos, "cu_seqlens": cu,
+            "doc_targets": np.array(lengths), "n_targets": int(sum(lengths))}
+
+
+def timed(step, device, warmup=2, reps=5):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ours(cfg, device, T, packed):
+    fractions = [6, 4, 3, 2, 1] if packed else [16]
+    lengths = [T * f // 16 for f in fractions]
+    lengths[0] += T - sum(lengths)
+    row = row_of(lengths, cfg.vocab_size)
+    model = build_model(cfg, None, 0, 1, device, torch.bfloat16, checkpointing=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = micro_batch_loss(model, [row], "token", T, len(lengths), device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed(step, device), T / np.mean(lengths)
+
+
+def hf(cfg, device, T):
+    import transformers
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16,
+                                                          attn_implementation="sdpa").to(device)
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
+
+    def step():
+        model(ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed(step, device)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3.2-1b", choices=SHAPES)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536])
+    ap.add_argument("--hf-lengths", type=int, nargs="*", default=[16384])
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cfg = ModelConfig(**SHAPES[args.shape])
+    rows = []
+
+    def record(impl, T, fn):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            out = fn()
+            dt, doc_len = out if isinstance(out, tuple) else (out, T)
+            mem, mfu = "-", "-"  # H100 figures: peak memory and MFU against 989 TFLOP/s dense bf16
+            if device.type == "cuda":
+                mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+                mfu = f"{flops_per_token(cfg, doc_len) * T / dt / 989e12:.1%}"
+            rows.append((impl, T, f"{T / dt:,.0f}", mfu, mem))
+        except torch.OutOfMemoryError:
+            rows.append((impl, T, "OOM", "-", "-"))
+
+    for T in args.lengths:
+        record("ours, one document", T, lambda: ours(cfg, device, T, packed=False))
+        record("ours, five packed documents", T, lambda: ours(cfg, device, T, packed=True))
+    for T in args.hf_lengths:
+        record("transformers", T, lambda: hf(cfg, device, T))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\nSFT step, {args.shape} shape, {name}, torch {torch.__version__}")
+    print(f"| {'implementation':<28} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
+    print(f"| {'-' * 28} | {'-' * 10} | {'-' * 9} | {'-' * 6} | {'-' * 8} |")
+    for impl, T, tps, mfu, mem in rows:
+        print(f"| {impl:<28} | {T:>10} | {tps:>9} | {mfu:>6} | {mem:>8} |")
+
+
+if __name__ == "__main__":
+    main()
