@@ -255,41 +255,70 @@ def flops_per_token(cfg: ModelConfig, mean_doc_len: float) -> float:
 
 # -----------------------------------------------------------------------------
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run SFT; returns the per-step log records (also written to out/log.jsonl)."""
+def prepare(cfg, kind="sft", write_default_data=None):
+    """What SFT and DPO both start from: processes, packed data (rank 0 tokenizes and caches it first,
+    the others read the cache), tokenizer and the model. With no --data, write_default_data(dir, seed)
+    writes the built-in data and returns (data file, tokenizer folder)."""
     rank, world, device = setup_distributed(cfg.device)
-    if cfg.loss_reduction not in ("token", "sequence"):
-        raise ValueError(f"--loss-reduction must be token or sequence, not {cfg.loss_reduction!r}")
     per_step = cfg.micro_rows * world
     if cfg.batch_rows % per_step:
         raise ValueError(f"--batch-rows {cfg.batch_rows} is not a multiple of --micro-rows x ranks = {per_step}")
     os.makedirs(cfg.out, exist_ok=True)
-    if not cfg.data:  # the built-in corpus, written once by rank 0
+    if not cfg.data:
         data_dir = os.path.join(cfg.out, "data")
         if rank == 0:
-            write_builtin(data_dir, count=600, min_words=100, max_words=800, seed=cfg.seed)
+            write_default_data(data_dir, cfg.seed)
         if dist.is_initialized():
             dist.barrier()
-        cfg.data, cfg.tokenizer = os.path.join(data_dir, "train.jsonl"), cfg.tokenizer or data_dir
+        cfg.data, tok_dir = write_default_data(data_dir, cfg.seed, dry=True)
+        cfg.tokenizer = cfg.tokenizer or tok_dir
     if not cfg.model:
         raise ValueError("--model is required with --data (a checkpoint folder, a config.json or 'tiny')")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
     packed = None
-    for r in range(world):  # rank 0 tokenizes and writes the cache; the others read it
+    for r in range(world):
         if r == rank:
             packed = load_packed(cfg.data, tokenizer, cfg.max_tokens, cfg.packing, cfg.truncate, cfg.skip_bad,
-                                 log=log0)
+                                 kind=kind, log=log0)
         if dist.is_initialized():
             dist.barrier()
     if len(packed) < cfg.batch_rows:
         raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows}")
+    mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
+    compute_dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
+    model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype, cfg.checkpointing, cfg.compile)
+    return rank, world, device, tokenizer, packed, model
+
+
+def autocast_for(cfg, device, world):
+    """bf16 autocast on one GPU; FSDP2's mixed precision casts by itself on several; none on CPU."""
+    if device.type == "cuda" and world == 1:
+        return torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
+    return torch.autocast("cpu", enabled=False)
+
+
+def sft_loss(cfg, model, rows, rank, world, device):
+    """Forward and backward of this rank's share of a global batch; returns (global loss, no metrics)."""
+    n_tokens, n_convs = global_counts(rows)
+    mine = rows[rank::world]
+    loss_sum = torch.zeros((), device=device)
+    for m in range(0, len(mine), cfg.micro_rows):
+        with autocast_for(cfg, device, world):
+            loss = micro_batch_loss(model, mine[m:m + cfg.micro_rows], cfg.loss_reduction, n_tokens, n_convs, device)
+        (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already global
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item(), {}
+
+
+def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) -> list[dict]:
+    """The optimizer loop SFT and DPO share: AdamW, warmup + cosine, clipping, resume, NaN guard,
+    checkpoints, one log line per step. step_loss(cfg, model, rows, rank, world, device) runs forward
+    and backward of one global batch and returns (loss, extra metrics)."""
     steps_per_epoch = len(packed) // cfg.batch_rows
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
     on_cuda = device.type == "cuda"
-    compute_dtype = getattr(torch, cfg.dtype) if on_cuda else torch.float32
-    model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype, cfg.checkpointing, cfg.compile)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -308,11 +337,10 @@ def train(cfg: TrainConfig) -> list[dict]:
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
+    mcfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     log0(f"{mcfg.model_type} model, {n_params / 1e6:.2f}M parameters on {world} x {device.type}; {len(packed)} rows, "
-         f"{steps_per_epoch} steps/epoch, {total} steps, loss {cfg.loss_reduction}")
-
-    autocast = torch.autocast("cuda", dtype=compute_dtype) if on_cuda and world == 1 else torch.autocast("cpu", enabled=False)
+         f"{steps_per_epoch} steps/epoch, {total} steps")
     peak_flops = 989e12 * world  # H100 SXM dense bf16
     records, t_start = [], time.perf_counter()
     for step in range(start, total):
@@ -321,17 +349,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = [packed.row(i) for i in batch_rows(len(packed), step, cfg.batch_rows, cfg.seed)]
-        n_tokens, n_convs = global_counts(rows)
-        mine = rows[rank::world]
-        loss_sum = torch.zeros((), device=device)
-        for m in range(0, len(mine), cfg.micro_rows):
-            with autocast:
-                loss = micro_batch_loss(model, mine[m:m + cfg.micro_rows], cfg.loss_reduction, n_tokens, n_convs, device)
-            (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already global
-            loss_sum += loss.detach()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        loss_value = loss_sum.item()
+        loss_value, metrics = step_loss(cfg, model, rows, rank, world, device)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"step {step + 1}: loss is {loss_value}; stopping. Last good checkpoint: "
                                      f"{last_good or 'none yet'} (untouched)")
@@ -343,7 +361,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         tokens = sum(len(r["ids"]) for r in rows)
-        rec = {"step": step + 1, "epoch": step // steps_per_epoch + 1, "loss": loss_value, "lr": lr,
+        rec = {"step": step + 1, "epoch": step // steps_per_epoch + 1, "loss": loss_value, **metrics, "lr": lr,
                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt}
         if on_cuda:
             docs = sum(len(r["cu_seqlens"]) - 1 for r in rows)
@@ -354,14 +372,31 @@ def train(cfg: TrainConfig) -> list[dict]:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             eta = (time.perf_counter() - t_start) / (step + 1 - start) * (total - step - 1)
-            extra = f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gib']:.1f} GiB" if on_cuda else ""
-            print(f"step {step + 1}/{total} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
-                  f"{rec['tokens_per_s']:,.0f} tok/s{extra} | eta {eta / 60:.1f} min", flush=True)
+            extra = "".join(f" | {k} {v:.3f}" for k, v in metrics.items())
+            extra += f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gib']:.1f} GiB" if on_cuda else ""
+            print(f"step {step + 1}/{total} | loss {loss_value:.4f}{extra} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                  f"{rec['tokens_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", flush=True)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total:
             save_checkpoint(model, optimizer, step + 1, cfg, tokenizer)
             last_good = os.path.join(cfg.out, f"step_{step + 1}")
     log0(f"done: {total} steps; checkpoint {last_good}")
     return records
+
+
+def builtin_sft_data(out_dir, seed, dry=False):
+    """The built-in corpus for the default run: 600 answers of 100-800 words."""
+    if dry:
+        return os.path.join(out_dir, "train.jsonl"), out_dir
+    return write_builtin(out_dir, count=600, min_words=100, max_words=800, seed=seed)
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run SFT; returns the per-step log records (also written to out/log.jsonl)."""
+    if cfg.loss_reduction not in ("token", "sequence"):
+        raise ValueError(f"--loss-reduction must be token or sequence, not {cfg.loss_reduction!r}")
+    rank, world, device, tokenizer, packed, model = prepare(cfg, "sft", builtin_sft_data)
+    log0(f"loss: {cfg.loss_reduction} mean over the global batch")
+    return run_training(cfg, model, tokenizer, packed, sft_loss, rank, world, device)
 
 
 def parse_args(argv=None) -> TrainConfig:
