@@ -367,8 +367,9 @@ class Packed:
         return len(self.row_docs) - 1
 
     def row(self, r: int) -> dict:
-        """One row: ids, targets, position_ids (restarting at 0 per conversation), cu_seqlens, and the
-        number of target tokens of each conversation (doc_targets) and of the row (n_targets)."""
+        """One row: ids, targets, position_ids (restarting at 0 per conversation), cu_seqlens, the number
+        of target tokens of each conversation (doc_targets) and of the row (n_targets), and the index of
+        its first conversation among all (first_doc)."""
         d0, d1 = self.row_docs[r], self.row_docs[r + 1]
         offsets = self.doc_offsets[d0:d1 + 1]
         a, b = offsets[0], offsets[-1]
@@ -377,7 +378,8 @@ class Packed:
         position_ids = np.arange(b - a) - np.repeat(cu[:-1], np.diff(cu))
         doc_targets = np.add.reduceat(targets != -100, cu[:-1]) if b > a else np.zeros(0, dtype=np.int64)
         return {"ids": np.asarray(self.ids[a:b], dtype=np.int64), "targets": targets, "position_ids": position_ids,
-                "cu_seqlens": cu, "doc_targets": doc_targets.astype(np.int64), "n_targets": int(doc_targets.sum())}
+                "cu_seqlens": cu, "doc_targets": doc_targets.astype(np.int64), "n_targets": int(doc_targets.sum()),
+                "first_doc": int(d0)}
 
     def efficiency(self) -> float:
         """Real tokens / row capacity."""

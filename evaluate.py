@@ -189,6 +189,22 @@ def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, lo
 # -----------------------------------------------------------------------------
 # quality
 
+def judge_one(client, instruction, response, prompt_template=JUDGE_PROMPT, attempts=3) -> dict:
+    """The six scores of one response; an unreadable verdict is asked again, up to `attempts` times."""
+    prompt = prompt_template.replace("{instruction}", instruction).replace("{response}", response)
+    error = "no parseable scores"
+    for _ in range(attempts):
+        try:
+            scores = parse_judge(client.chat([{"role": "user", "content": prompt}], 2048, 0.0))
+        except AuthError:
+            raise
+        except APIError as e:
+            scores, error = None, str(e)
+        if scores:
+            return scores
+    raise APIError(error)
+
+
 def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=8, attempts=3, log=print) -> dict:
     """index -> six scores, for every prediction the judge scored. Each verdict is appended to
     judged_path as it arrives (resumable); an unreadable verdict is asked again, then recorded as failed."""
@@ -197,22 +213,17 @@ def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=
     lock = threading.Lock()
 
     def one(p):
-        prompt = prompt_template.replace("{instruction}", p["prompt"]).replace("{response}", p["response"])
-        error = "no parseable scores"
-        for _ in range(attempts):
-            try:
-                scores = parse_judge(client.chat([{"role": "user", "content": prompt}], 2048, 0.0))
-            except AuthError:
-                raise
-            except APIError as e:
-                scores, error = None, str(e)
-            if scores:
-                out.append({"index": p["index"], "scores": scores})
-                with lock:
-                    judged[p["index"]] = scores
-                return
-        out.append({"index": p["index"], "failed": error})
-        log(f"quality: prediction {p['index']} not judged: {error}")
+        try:
+            scores = judge_one(client, p["prompt"], p["response"], prompt_template, attempts)
+        except AuthError:
+            raise
+        except APIError as e:
+            out.append({"index": p["index"], "failed": str(e)})
+            log(f"quality: prediction {p['index']} not judged: {e}")
+            return
+        out.append({"index": p["index"], "scores": scores})
+        with lock:
+            judged[p["index"]] = scores
     with ThreadPoolExecutor(workers) as pool:
         for f in [pool.submit(one, p) for p in preds if p["index"] not in judged]:
             f.result()

@@ -399,18 +399,19 @@ def train(cfg: TrainConfig) -> list[dict]:
     return run_training(cfg, model, tokenizer, packed, sft_loss, rank, world, device)
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """Flags map one to one onto TrainConfig; with neither --model nor --data, BUILTIN fills what is unset."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in vars(TrainConfig()).items():
+def parse_args(argv=None, config_class=TrainConfig, builtin=BUILTIN):
+    """Flags map one to one onto the config's fields; with neither --model nor --data, `builtin` fills
+    what the command line leaves unset."""
+    ap = argparse.ArgumentParser(description=sys.modules[config_class.__module__].__doc__.splitlines()[0])
+    for name, value in vars(config_class()).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             ap.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
         else:
             ap.add_argument(flag, type=type(value), default=argparse.SUPPRESS)
     given = vars(ap.parse_args(argv))
-    builtin = BUILTIN if not given.get("model") and not given.get("data") else {}
-    return TrainConfig(**{**builtin, **given})
+    defaults = builtin if not given.get("model") and not given.get("data") else {}
+    return config_class(**{**defaults, **given})
 
 
 def main():

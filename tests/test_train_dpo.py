@@ -1,0 +1,112 @@
+"""train_dpo.py: the DPO loss by hand, cached vs live reference, packing, a tiny run, pair building."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dataset import Tokenizer, load_packed
+from model import ModelConfig, Transformer
+from train_dpo import DPOConfig, build_pairs, builtin_dpo_data, dpo_loss, pick_pair, sequence_logps, train
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs")
+    return builtin_dpo_data(str(path), seed=0, count=48)
+
+
+def run(pairs, out, **kw):
+    data, tok = pairs
+    base = dict(model="tiny", data=data, tokenizer=tok, out=str(out), max_tokens=1024, batch_rows=4, lr=3e-4,
+                beta=0.5, weight_decay=0.0, device="cpu", max_steps=2)
+    return train(DPOConfig(**{**base, **kw}))
+
+
+def test_loss_and_rewards_equal_a_hand_computation():
+    pc, pr, rc, rr = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0]), torch.tensor([-11.0, -4.0]), \
+        torch.tensor([-11.0, -5.0])
+    loss, reward_c, reward_r = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # pair 1: rewards 0.5*(1) = 0.5 and 0.5*(-1) = -0.5, margin 1; pair 2: 0 and 1, margin -1
+    assert torch.allclose(reward_c, torch.tensor([0.5, 0.0])) and torch.allclose(reward_r, torch.tensor([-0.5, 1.0]))
+    assert torch.allclose(loss, torch.tensor([math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))]))
+
+
+def test_at_initialization_the_loss_is_log_2(pairs, tmp_path):
+    first = run(pairs, tmp_path, max_steps=1)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["accuracy"] == 0 and first["margin"] == pytest.approx(0, abs=1e-6)
+
+
+def test_cached_and_live_reference_give_the_same_loss_and_gradients(pairs, tmp_path):
+    cached = run(pairs, tmp_path / "cached", max_steps=3)
+    live = run(pairs, tmp_path / "live", max_steps=3, live_reference=True)
+    for a, b in zip(cached, live):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wa = Transformer.from_pretrained(tmp_path / "cached" / "step_3").state_dict()
+    wb = Transformer.from_pretrained(tmp_path / "live" / "step_3").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_packed_chosen_and_rejected_equal_running_them_separately(pairs):
+    data, tok_dir = pairs
+    packed = load_packed(data, Tokenizer(tok_dir), max_tokens=1024, kind="dpo", log=lambda s: None)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=Tokenizer(tok_dir).vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    row = packed.row(0)
+    with torch.no_grad():
+        together = sequence_logps(model, [row], "cpu")
+        cu = row["cu_seqlens"]
+        for d in range(len(cu) - 1):
+            a, b = cu[d], cu[d + 1]
+            ids, targets = torch.tensor(row["ids"][a:b])[None], torch.tensor(row["targets"][a:b])[None]
+            alone = model(ids, targets=targets).sum()
+            assert together[d] == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_a_tiny_run_learns_a_synthetic_preference(pairs, tmp_path):
+    log = run(pairs, tmp_path, max_steps=12)
+    assert log[0]["accuracy"] == 0 and log[-1]["accuracy"] == 1.0
+    assert log[-1]["margin"] > 1.0 and log[-1]["loss"] < 0.3
+
+
+class Scripted:
+    """A sampler whose answers have known lengths."""
+
+    def __init__(self, lengths):
+        self.lengths, self.calls = lengths, 0
+
+    def chat(self, messages, max_tokens, temperature=0.7):
+        n = self.lengths[self.calls % len(self.lengths)]
+        self.calls += 1
+        return " ".join(["word"] * n)
+
+
+def test_pair_building_picks_the_answer_whose_length_is_closest_to_the_request(tmp_path):
+    chosen, rejected, (sc, sr) = pick_pair(100, ["w " * 50, "w " * 95, "w " * 300, "w " * 120])
+    assert len(chosen.split()) == 95 and len(rejected.split()) == 300  # S_l 94.7 vs 33.3
+    assert pick_pair(100, ["w " * 100, "w " * 100]) is None
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 200-word note."}) + "\n" +
+                      json.dumps({"prompt": "Anything", "length": 400}) + "\n")
+    cfg = DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "pairs.jsonl"), samples=3, workers=1)
+    sampler = Scripted([100, 190, 600])
+    counts = build_pairs(cfg, sampler=sampler, log=lambda s: None)
+    out = [json.loads(l) for l in open(tmp_path / "pairs.jsonl")]
+    assert counts["pairs"] == 2 and [o["length"] for o in out] == [200, 400]
+    assert [len(o["chosen"].split()) for o in out] == [190, 600] and [len(o["rejected"].split()) for o in out] == [600, 100]
+    # resumable: a rerun samples nothing more; the pairs file is a DPO file dataset.py reads
+    assert build_pairs(cfg, sampler=sampler, log=lambda s: None)["pairs"] == 0 and sampler.calls == 6
+    from dataset import parse_dpo, read_jsonl
+    assert len(read_jsonl(str(tmp_path / "pairs.jsonl"), parse_dpo)[0]) == 2
+
+
+def test_an_instruction_without_a_length_is_named(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write something."}) + "\n")
+    cfg = DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "p.jsonl"))
+    with pytest.raises(ValueError, match=r"in.jsonl:1: no \"length\" field"):
+        build_pairs(cfg, sampler=Scripted([1]), log=lambda s: None)

@@ -1,0 +1,280 @@
+"""DPO on long-writing preference pairs, against a frozen reference; and the tool that builds the pairs.
+
+Usage:
+    python train_dpo.py                                            # tiny CPU run on pairs from the built-in corpus
+    python train_dpo.py --model SFT_DIR --data pairs.jsonl --out runs/dpo [--live-reference] [--nll-weight 0.1]
+    python train_dpo.py --build-pairs instructions.jsonl --model SFT_DIR --pairs-out pairs.jsonl [--samples 4]
+        [--api-base URL --sampler-model NAME]   sample through an endpoint instead of SFT_DIR in-process
+        [--judge-model NAME]                    also score quality with an LLM judge at --api-base
+
+Loss per pair, log-probs summed over the response tokens only (y_w chosen, y_l rejected):
+    -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
+averaged over the pairs of the global batch, plus nll_weight x the chosen answers' token-mean NLL.
+Chosen and rejected of a pair sit side by side in one packed row and run in one forward. The
+reference log-probs are computed once before training (out/reference_logps.npy), so only one model is
+in memory; --live-reference keeps a frozen copy and computes them every step instead (same loss).
+Training reuses train_sft's loop, sharding, checkpoints and logs.
+"""
+import json
+import os
+import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from agentwrite import APIError, AuthError, ChatClient, JsonlLog, LocalClient
+from dataset import builtin_corpus, count_words, write_builtin
+from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
+from train_sft import TrainConfig, autocast_for, build_model, log0, parse_args, prepare, run_training
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    out: str = "runs/dpo"
+    lr: float = 1e-6            # common DPO settings, not taken from the LongWriter paper
+    epochs: int = 1
+    beta: float = 0.1
+    nll_weight: float = 0.0     # weight of the chosen answers' NLL added to the DPO loss
+    live_reference: bool = False
+    # pair building (--build-pairs)
+    build_pairs: str = ""       # instructions JSONL ("prompt", and "length" or a number of words in the prompt)
+    pairs_out: str = "pairs.jsonl"
+    samples: int = 4            # answers sampled per instruction
+    max_new_tokens: int = 8192
+    temperature: float = 0.8
+    api_base: str = os.environ.get("OPENAI_BASE_URL", "")
+    api_key_env: str = "OPENAI_API_KEY"
+    sampler_model: str = ""     # sample through the endpoint with this model instead of --model in-process
+    judge_model: str = ""       # score quality too, with this judge at the endpoint
+    workers: int = 4
+
+
+BUILTIN = dict(model="tiny", max_tokens=2048, epochs=3, batch_rows=4, lr=3e-4, beta=0.5, warmup=0.05,
+               weight_decay=0.0, out="runs/dpo-builtin")
+
+
+# -----------------------------------------------------------------------------
+# loss
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """Per pair: (loss, reward of chosen, reward of rejected); reward = beta * (log pi - log ref)."""
+    reward_chosen, reward_rejected = beta * (pi_chosen - ref_chosen), beta * (pi_rejected - ref_rejected)
+    return -F.logsigmoid(reward_chosen - reward_rejected), reward_chosen, reward_rejected
+
+
+def sequence_logps(model, rows, device) -> torch.Tensor:
+    """log p(response | prompt) of every document of the rows (run as one packed row): (n_docs,)."""
+    ids = torch.from_numpy(np.concatenate([r["ids"] for r in rows])).to(device)
+    targets = torch.from_numpy(np.concatenate([r["targets"] for r in rows])).to(device)
+    pos = torch.from_numpy(np.concatenate([r["position_ids"] for r in rows])).to(device)
+    lengths = np.concatenate([np.diff(r["cu_seqlens"]) for r in rows])
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).to(device)
+    logp = model(ids[None], position_ids=pos[None], cu_seqlens=cu, targets=targets[None])[0]  # 0 off-target
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.from_numpy(lengths).to(device))
+    return torch.zeros(len(lengths), device=device, dtype=logp.dtype).index_add(0, doc, logp)
+
+
+@torch.no_grad()
+def reference_logps(cfg, model, packed, rank, world, device) -> np.ndarray:
+    """Every document's log-prob under the initial model, computed once (rows split over ranks) and
+    kept in out/reference_logps.npy, so that a resumed run uses the same reference."""
+    path = os.path.join(cfg.out, "reference_logps.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    n_docs = int(packed.row_docs[-1])
+    out = torch.zeros(n_docs, dtype=torch.float64, device=device)
+    model.eval()
+    for r in range(rank, len(packed), world):
+        row = packed.row(r)
+        with autocast_for(cfg, device, world):
+            lp = sequence_logps(model, [row], device)
+        out[row["first_doc"]:row["first_doc"] + len(lp)] = lp.double()
+    model.train()
+    if world > 1:
+        dist.all_reduce(out)
+    ref = out.cpu().numpy()
+    if rank == 0:
+        np.save(path + ".tmp.npy", ref)
+        os.replace(path + ".tmp.npy", path)
+    log0(f"reference log-probs of {n_docs} answers cached in {path}")
+    return ref
+
+
+def dpo_step(cfg, model, rows, rank, world, device, ref_logps=None, ref_model=None):
+    """Forward and backward of this rank's share of a global batch of pairs; returns (loss, metrics)."""
+    n_pairs = sum((len(r["cu_seqlens"]) - 1) // 2 for r in rows)
+    n_chosen_tokens = max(1, sum(int(r["doc_targets"][0::2].sum()) for r in rows))
+    mine = rows[rank::world]
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, reward c, reward r, correct, nll
+    for m in range(0, len(mine), cfg.micro_rows):
+        micro = mine[m:m + cfg.micro_rows]
+        with autocast_for(cfg, device, world):
+            logp = sequence_logps(model, micro, device).float()
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref = sequence_logps(ref_model, micro, device).float()
+            else:
+                ref = torch.from_numpy(np.concatenate([ref_logps[r["first_doc"]:r["first_doc"] + len(r["cu_seqlens"]) - 1]
+                                                       for r in micro])).to(device, torch.float32)
+        losses, rc, rr = dpo_loss(logp[0::2], logp[1::2], ref[0::2], ref[1::2], cfg.beta)
+        nll = -logp[0::2].sum() / n_chosen_tokens
+        loss = losses.sum() / n_pairs + cfg.nll_weight * nll
+        (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already global
+        totals += torch.stack([t.detach().double() for t in (loss, rc.sum(), rr.sum(), (rc > rr).sum(), nll)])
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, rc, rr, correct, nll = totals.tolist()
+    return loss, {"reward_chosen": rc / n_pairs, "reward_rejected": rr / n_pairs, "margin": (rc - rr) / n_pairs,
+                  "accuracy": correct / n_pairs, "nll_chosen": nll}
+
+
+# -----------------------------------------------------------------------------
+# pairs: the default's synthetic ones, and the tool that samples and scores real ones
+
+def builtin_dpo_data(out_dir, seed, dry=False, count=300):
+    """Pairs from the built-in corpus: chosen is the answer of the asked length, rejected the same answer
+    cut after half its sections (the too-short answer LongWriter sets out to fix)."""
+    data = os.path.join(out_dir, "pairs.jsonl")
+    if dry:
+        return data, out_dir
+    write_builtin(out_dir, count=count, min_words=200, max_words=600, seed=seed)
+    with open(data + ".tmp", "w") as f:
+        for r in builtin_corpus(count, 200, 600, seed):
+            prompt, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+            sections = answer.split("\n\n")
+            short = "\n\n".join(sections[:max(1, len(sections) // 2)])
+            f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": short}) + "\n")
+    os.replace(data + ".tmp", data)
+    return data, out_dir
+
+
+def required_length(obj: dict, where: str) -> int:
+    if isinstance(obj.get("length"), (int, float)) and obj["length"] > 0:
+        return int(obj["length"])
+    m = re.search(r"(\d[\d,]*)\s*(?:-?\s*words?\b|字)", obj["prompt"], re.I)
+    if not m:
+        raise ValueError(f'{where}: no "length" field and no word count in the prompt')
+    return int(m.group(1).replace(",", ""))
+
+
+def pick_pair(required: int, answers: list[str], quality: list[float] | None = None):
+    """(chosen, rejected, scores): the best answer by S_l (or (S_l + S_q) / 2 with quality) and the worst
+    other one; None when every answer scores the same (no preference to learn)."""
+    scores = [length_score(required, count_words(a)) for a in answers]
+    if quality is not None:
+        scores = [(s + q) / 2 for s, q in zip(scores, quality)]
+    best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+    if scores[best] == scores[worst]:
+        return None
+    return answers[best], answers[worst], (scores[best], scores[worst])
+
+
+def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
+    """Sample cfg.samples answers per instruction, score them, write DPO JSONL. Every sample and verdict is
+    appended to PAIRS_OUT.samples.jsonl as it arrives, so a rerun redoes only what is missing."""
+    if not os.path.isfile(cfg.build_pairs):
+        raise FileNotFoundError(f"{cfg.build_pairs}: instructions file not found")
+    items = []
+    with open(cfg.build_pairs, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{cfg.build_pairs}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                    raise ValueError(f'{where}: needs a "prompt" string')
+                items.append((lineno, obj["prompt"], required_length(obj, where)))
+    key = os.environ.get(cfg.api_key_env, "")
+    if sampler is None:
+        sampler = (ChatClient(cfg.api_base, cfg.sampler_model, key) if cfg.sampler_model else LocalClient(cfg.model))
+    if judge is None and cfg.judge_model:
+        judge = ChatClient(cfg.api_base, cfg.judge_model, key)
+    out, cache = JsonlLog(cfg.pairs_out), JsonlLog(cfg.pairs_out + ".samples.jsonl")
+    finished = {r["line"] for r in out.read()} | {r["line"] for r in cache.read() if r.get("kind") == "no_pair"}
+    samples, verdicts = {}, {}
+    for r in cache.read():
+        if r.get("kind") == "sample":
+            samples.setdefault(r["line"], {})[r["k"]] = r["text"]
+        elif r.get("kind") == "verdict":
+            verdicts.setdefault(r["line"], {})[r["k"]] = r["scores"]
+    counts, lock = {"pairs": 0, "no_pair": 0, "failed": 0}, threading.Lock()
+
+    def one(lineno, prompt, required):
+        have, judged = samples.setdefault(lineno, {}), verdicts.setdefault(lineno, {})
+        try:
+            for k in range(cfg.samples):
+                if k not in have:
+                    have[k] = sampler.chat([{"role": "user", "content": prompt}], cfg.max_new_tokens, cfg.temperature)
+                    cache.append({"line": lineno, "kind": "sample", "k": k, "text": have[k]})
+                if judge is not None and k not in judged:
+                    judged[k] = judge_one(judge, prompt, have[k], JUDGE_PROMPT)
+                    cache.append({"line": lineno, "kind": "verdict", "k": k, "scores": judged[k]})
+        except AuthError:
+            raise
+        except APIError as e:
+            log(f"{cfg.build_pairs}:{lineno}: {e}")
+            with lock:
+                counts["failed"] += 1
+            return
+        answers = [have[k] for k in range(cfg.samples)]
+        quality = [quality_score([judged[k]]) for k in range(cfg.samples)] if judge is not None else None
+        pair = pick_pair(required, answers, quality)
+        if pair is None:
+            cache.append({"line": lineno, "kind": "no_pair"})
+        else:
+            chosen, rejected, (sc, sr) = pair
+            out.append({"line": lineno, "prompt": prompt, "length": required, "chosen": chosen, "rejected": rejected,
+                        "chosen_score": sc, "rejected_score": sr})
+        with lock:
+            counts["pairs" if pair else "no_pair"] += 1
+            log(f"pairs: {counts['pairs']} written, {counts['no_pair']} without preference, {counts['failed']} failed")
+
+    with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        for f in [pool.submit(one, *item) for item in items if item[0] not in finished]:
+            f.result()
+    return counts
+
+
+# -----------------------------------------------------------------------------
+
+def train(cfg: DPOConfig) -> list[dict]:
+    """Run DPO; returns the per-step log records (also written to out/log.jsonl)."""
+    rank, world, device, tokenizer, packed, model = prepare(cfg, "dpo", builtin_dpo_data)
+    ref_logps = ref_model = None
+    if cfg.live_reference:
+        ref_model = build_model(model.config, cfg.model if os.path.isdir(cfg.model) else None, cfg.seed, world, device,
+                                getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32)
+        ref_model.eval().requires_grad_(False)
+    else:
+        ref_logps = reference_logps(cfg, model, packed, rank, world, device)
+    step = lambda *args: dpo_step(*args, ref_logps=ref_logps, ref_model=ref_model)
+    log0(f"DPO, beta {cfg.beta}, nll weight {cfg.nll_weight}, {'live' if ref_model else 'cached'} reference")
+    return run_training(cfg, model, tokenizer, packed, step, rank, world, device)
+
+
+def main():
+    cfg = parse_args(config_class=DPOConfig, builtin=BUILTIN)
+    try:
+        if cfg.build_pairs:
+            counts = build_pairs(cfg)
+            print(f"{counts['pairs']} pairs -> {cfg.pairs_out} ({counts['no_pair']} instructions without a "
+                  f"preference, {counts['failed']} failed)")
+        else:
+            train(cfg)
+    except (FileNotFoundError, ValueError, FloatingPointError, APIError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
