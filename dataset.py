@@ -516,8 +516,9 @@ def build_tokenizer(path, texts, max_number=10000):
         json.dump({"bos_token_id": SPECIALS.index("<s>"), "eos_token_id": SPECIALS.index("</s>")}, f)
 
 
-def write_builtin(out_dir, count=2000, min_words=100, max_words=1600, seed=0, tokenizer_dir=None):
-    """The built-in corpus as out_dir/train.jsonl, and its tokenizer (in tokenizer_dir, default out_dir)."""
+def write_builtin(out_dir, count=2000, min_words=100, max_words=1600, seed=0, tokenizer_dir=None, max_number=10000):
+    """The built-in corpus as out_dir/train.jsonl, and its tokenizer (in tokenizer_dir, default out_dir)
+    knowing every length N up to max_number."""
     os.makedirs(out_dir, exist_ok=True)
     records = builtin_corpus(count, min_words, max_words, seed)
     data = os.path.join(out_dir, "train.jsonl")
@@ -531,7 +532,7 @@ def write_builtin(out_dir, count=2000, min_words=100, max_words=1600, seed=0, to
         # every word the generator can write, so that a small corpus still gives a complete vocabulary
         texts += [w.format(n=100, t=t[0]) for w in WORDINGS for t in TOPICS] + [" ".join(t[1:]) for t in TOPICS]
         texts += [s.replace("{", "").replace("}", "") for s in SENTENCES]
-        build_tokenizer(tok_dir, texts)
+        build_tokenizer(tok_dir, texts, max_number)
     return data, tok_dir
 
 

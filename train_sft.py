@@ -61,6 +61,7 @@ class TrainConfig:
     compile: bool = False       # torch.compile the MLPs (attention's per-document loop stays eager)
     # checkpoints and logs
     save_every: int = 0         # steps; 0: only at the end
+    log_every: int = 1          # print every N steps (out/log.jsonl gets every step)
     keep: int = 2               # checkpoints kept (0: all)
     resume: bool = False
     seed: int = 0
@@ -371,6 +372,7 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             eta = (time.perf_counter() - t_start) / (step + 1 - start) * (total - step - 1)
             extra = "".join(f" | {k} {v:.3f}" for k, v in metrics.items())
             extra += f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gib']:.1f} GiB" if on_cuda else ""
