@@ -1,0 +1,74 @@
+"""DPO step vs SFT step on the same tokens: one pair of two answers per row, cached reference.
+
+Usage (H100):  python bench/bench_dpo.py                     # Llama-3.2-1B shape, 2 x 8k-token answers
+       (CPU):  python bench/bench_dpo.py --shape tiny --device cpu --answer-tokens 512
+Prints one table: tokens/s and peak memory of a DPO step (cached reference) next to an SFT step on
+the identical packed row; the goal is DPO <= ~1.5x SFT's time.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_train import SHAPES, timed  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from train_dpo import DPOConfig, dpo_step  # noqa: E402
+from train_sft import build_model, sft_loss  # noqa: E402
+
+
+def pair_row(answer_tokens, prompt_tokens, vocab):
+    """A row holding chosen and rejected, each a prompt (no loss) and an answer (loss)."""
+    rng = np.random.default_rng(0)
+    n = prompt_tokens + answer_tokens
+    ids = rng.integers(0, vocab, 2 * n)
+    targets = np.roll(ids, -1)
+    for d in range(2):
+        targets[d * n:d * n + prompt_tokens - 1] = -100
+        targets[(d + 1) * n - 1] = -100
+    return {"ids": ids, "targets": targets, "position_ids": np.concatenate([np.arange(n)] * 2),
+            "cu_seqlens": np.array([0, n, 2 * n]), "doc_targets": np.array([answer_tokens] * 2),
+            "n_targets": 2 * answer_tokens, "first_doc": 0}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3.2-1b", choices=SHAPES)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--answer-tokens", type=int, default=8192)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    mcfg = ModelConfig(**SHAPES[args.shape])
+    row = pair_row(args.answer_tokens, args.prompt_tokens, mcfg.vocab_size)
+    cfg = DPOConfig(device=args.device, micro_rows=1, beta=0.1)
+    ref = np.zeros(2)  # cached reference log-probs: the values do not change the cost
+    results = []
+    for name in ("SFT", "DPO (cached reference)"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = build_model(mcfg, None, 0, 1, device, torch.bfloat16, checkpointing=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+        loss_fn = sft_loss if name == "SFT" else (lambda *a: dpo_step(*a, ref_logps=ref))
+
+        def step():
+            loss_fn(cfg, model, [row], 0, 1, device)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dt = timed(step, device)
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
+        results.append((name, len(row["ids"]) / dt, dt, mem))
+        del model, opt
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{args.shape} shape, one pair of 2 x {args.answer_tokens}-token answers per step, {name}")
+    print(f"| {'step':<24} | {'tokens/s':>9} | {'x SFT time':>10} | {'peak GiB':>8} |")
+    print(f"| {'-' * 24} | {'-' * 9} | {'-' * 10} | {'-' * 8} |")
+    for step_name, tps, dt, mem in results:
+        print(f"| {step_name:<24} | {tps:>9,.0f} | {dt / results[0][2]:>10.2f} | {mem:>8} |")
+
+
+if __name__ == "__main__":
+    main()
