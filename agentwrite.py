@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import requests
 
-from dataset import count_words
+from dataset import DataError, count_words, read_jsonl
 
 PLAN_PROMPT = """I need you to help me break down the following long-form writing instruction into multiple \
 subtasks. Each subtask will guide the writing of one paragraph in the essay, and should include the main \
@@ -239,26 +239,20 @@ class JsonlLog:
             os.fsync(f.fileno())
 
 
-def item_id(lineno: int, prompt: str) -> str:
-    return f"{lineno}-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}"
+def item_id(index: int, prompt: str) -> str:
+    return f"{index}-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}"
+
+
+def parse_instruction(obj) -> dict:
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise DataError('needs a non-empty "prompt" string')
+    return obj
 
 
 def read_instructions(path) -> list[tuple[str, dict]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: input file not found")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise ValueError(f'{path}:{lineno}: needs a non-empty "prompt" string')
-            items.append((item_id(lineno, obj["prompt"]), obj))
-    return items
+    """(item id, record) per input line; the id is stable across reruns of the same file."""
+    records, _ = read_jsonl(path, parse_instruction)
+    return [(item_id(i, obj["prompt"]), obj) for i, obj in enumerate(records)]
 
 
 # -----------------------------------------------------------------------------

@@ -234,6 +234,9 @@ class DataError(ValueError):
     pass
 
 
+SKIP_HINT = " (use --skip-bad to skip such lines)"
+
+
 def parse_sft(obj) -> list[dict]:
     """A LongWriter-6k record {"messages": [...]} or {"prompt", "response"} -> messages."""
     if not isinstance(obj, dict):
@@ -271,8 +274,9 @@ def parse_dpo(obj) -> tuple[list[dict], str, str]:
     return [{"role": "user", "content": obj["prompt"]}], obj["chosen"], obj["rejected"]
 
 
-def read_jsonl(path, parse, skip_bad=False):
-    """Parsed records of a JSONL file and the number of bad lines skipped."""
+def read_jsonl(path, parse, skip_bad=False, hint=""):
+    """Parsed records of a JSONL file and the number of bad lines skipped. parse(obj) raises DataError
+    for a bad record; the error then names the file and line (plus `hint`)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data file not found")
     records, bad = [], 0
@@ -285,7 +289,7 @@ def read_jsonl(path, parse, skip_bad=False):
             except (json.JSONDecodeError, DataError) as e:
                 if not skip_bad:
                     what = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                    raise DataError(f"{path}:{lineno}: {what} (use --skip-bad to skip such lines)") from None
+                    raise DataError(f"{path}:{lineno}: {what}{hint}") from None
                 bad += 1
     return records, bad
 
@@ -430,10 +434,10 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
         log(f"{data}: packed cache {path}")
         return Packed.load(path)
     if kind == "sft":
-        conversations, bad = read_jsonl(data, parse_sft, skip_bad)
+        conversations, bad = read_jsonl(data, parse_sft, skip_bad, SKIP_HINT)
         units = [[c] for c in encode_chats(tok, conversations)]
     else:
-        pairs, bad = read_jsonl(data, parse_dpo, skip_bad)
+        pairs, bad = read_jsonl(data, parse_dpo, skip_bad, SKIP_HINT)
         encoded = encode_chats(tok, [p + [{"role": "assistant", "content": a}] for p, c, r in pairs for a in (c, r)])
         units = [encoded[i:i + 2] for i in range(0, len(encoded), 2)]
     packed, over = pack(units, max_tokens, mode, truncate)

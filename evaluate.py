@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agentwrite import APIError, AuthError, ChatClient, JsonlLog
-from dataset import count_words
+from dataset import DataError, count_words, read_jsonl
 
 DIMENSIONS = ["Relevance", "Accuracy", "Coherence", "Clarity", "Breadth and Depth", "Reading Experience"]
 BUCKETS = [(0, 500), (500, 2000), (2000, 4000), (4000, 20000)]
@@ -102,22 +102,13 @@ def quality_score(scores: list[dict]) -> float:
 # files
 
 def read_rows(path, fields=("prompt", "length")) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field {missing[0]!r}")
-            rows.append(row)
-    return rows
+    """A benchmark or prediction file; a line without one of `fields` is named."""
+    def check(row):
+        missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"missing field {missing[0]!r}")
+        return row
+    return read_jsonl(path, check)[0]
 
 
 def write_json(path, obj):

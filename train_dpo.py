@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from agentwrite import APIError, AuthError, ChatClient, JsonlLog, LocalClient
-from dataset import builtin_corpus, count_words, write_builtin
+from agentwrite import APIError, AuthError, ChatClient, JsonlLog, LocalClient, parse_instruction
+from dataset import DataError, builtin_corpus, count_words, read_jsonl, write_builtin
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
 from train_sft import TrainConfig, autocast_for, build_model, log0, parse_args, prepare, run_training
 
@@ -154,13 +154,15 @@ def builtin_dpo_data(out_dir, seed, dry=False, count=300):
     return data, out_dir
 
 
-def required_length(obj: dict, where: str) -> int:
+def parse_pair_instruction(obj) -> dict:
+    """An instruction with its required length: the "length" field, or a word count in the prompt."""
+    obj = parse_instruction(obj)
     if isinstance(obj.get("length"), (int, float)) and obj["length"] > 0:
-        return int(obj["length"])
+        return {**obj, "length": int(obj["length"])}
     m = re.search(r"(\d[\d,]*)\s*(?:-?\s*words?\b|字)", obj["prompt"], re.I)
     if not m:
-        raise ValueError(f'{where}: no "length" field and no word count in the prompt')
-    return int(m.group(1).replace(",", ""))
+        raise DataError('no "length" field and no word count in the prompt')
+    return {**obj, "length": int(m.group(1).replace(",", ""))}
 
 
 def pick_pair(required: int, answers: list[str], quality: list[float] | None = None):
@@ -178,49 +180,37 @@ def pick_pair(required: int, answers: list[str], quality: list[float] | None = N
 def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     """Sample cfg.samples answers per instruction, score them, write DPO JSONL. Every sample and verdict is
     appended to PAIRS_OUT.samples.jsonl as it arrives, so a rerun redoes only what is missing."""
-    if not os.path.isfile(cfg.build_pairs):
-        raise FileNotFoundError(f"{cfg.build_pairs}: instructions file not found")
-    items = []
-    with open(cfg.build_pairs, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{cfg.build_pairs}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                    raise ValueError(f'{where}: needs a "prompt" string')
-                items.append((lineno, obj["prompt"], required_length(obj, where)))
+    records, _ = read_jsonl(cfg.build_pairs, parse_pair_instruction)
+    items = [(i, r["prompt"], r["length"]) for i, r in enumerate(records)]
     key = os.environ.get(cfg.api_key_env, "")
     if sampler is None:
         sampler = (ChatClient(cfg.api_base, cfg.sampler_model, key) if cfg.sampler_model else LocalClient(cfg.model))
     if judge is None and cfg.judge_model:
         judge = ChatClient(cfg.api_base, cfg.judge_model, key)
     out, cache = JsonlLog(cfg.pairs_out), JsonlLog(cfg.pairs_out + ".samples.jsonl")
-    finished = {r["line"] for r in out.read()} | {r["line"] for r in cache.read() if r.get("kind") == "no_pair"}
+    finished = {r["index"] for r in out.read()} | {r["index"] for r in cache.read() if r.get("kind") == "no_pair"}
     samples, verdicts = {}, {}
     for r in cache.read():
         if r.get("kind") == "sample":
-            samples.setdefault(r["line"], {})[r["k"]] = r["text"]
+            samples.setdefault(r["index"], {})[r["k"]] = r["text"]
         elif r.get("kind") == "verdict":
-            verdicts.setdefault(r["line"], {})[r["k"]] = r["scores"]
+            verdicts.setdefault(r["index"], {})[r["k"]] = r["scores"]
     counts, lock = {"pairs": 0, "no_pair": 0, "failed": 0}, threading.Lock()
 
-    def one(lineno, prompt, required):
-        have, judged = samples.setdefault(lineno, {}), verdicts.setdefault(lineno, {})
+    def one(index, prompt, required):
+        have, judged = samples.setdefault(index, {}), verdicts.setdefault(index, {})
         try:
             for k in range(cfg.samples):
                 if k not in have:
                     have[k] = sampler.chat([{"role": "user", "content": prompt}], cfg.max_new_tokens, cfg.temperature)
-                    cache.append({"line": lineno, "kind": "sample", "k": k, "text": have[k]})
+                    cache.append({"index": index, "kind": "sample", "k": k, "text": have[k]})
                 if judge is not None and k not in judged:
                     judged[k] = judge_one(judge, prompt, have[k], JUDGE_PROMPT)
-                    cache.append({"line": lineno, "kind": "verdict", "k": k, "scores": judged[k]})
+                    cache.append({"index": index, "kind": "verdict", "k": k, "scores": judged[k]})
         except AuthError:
             raise
         except APIError as e:
-            log(f"{cfg.build_pairs}:{lineno}: {e}")
+            log(f"{cfg.build_pairs}: instruction {index}: {e}")
             with lock:
                 counts["failed"] += 1
             return
@@ -228,10 +218,10 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
         quality = [quality_score([judged[k]]) for k in range(cfg.samples)] if judge is not None else None
         pair = pick_pair(required, answers, quality)
         if pair is None:
-            cache.append({"line": lineno, "kind": "no_pair"})
+            cache.append({"index": index, "kind": "no_pair"})
         else:
             chosen, rejected, (sc, sr) = pair
-            out.append({"line": lineno, "prompt": prompt, "length": required, "chosen": chosen, "rejected": rejected,
+            out.append({"index": index, "prompt": prompt, "length": required, "chosen": chosen, "rejected": rejected,
                         "chosen_score": sc, "rejected_score": sr})
         with lock:
             counts["pairs" if pair else "no_pair"] += 1
