@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dataset import write_builtin
-from evaluate import breakdown, length_score, predict_local, scatter_svg, table, write_json
-from model import Transformer
+from evaluate import breakdown, length_score, predict_local, scatter_svg, table
+from model import Transformer, write_json
 from train_dpo import DPOConfig, build_pairs
 from train_dpo import train as train_dpo
 from train_sft import TrainConfig

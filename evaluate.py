@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from agentwrite import APIError, AuthError, ChatClient, JsonlLog
 from dataset import DataError, count_words, read_jsonl
+from model import write_json
 
 DIMENSIONS = ["Relevance", "Accuracy", "Coherence", "Clarity", "Breadth and Depth", "Reading Experience"]
 BUCKETS = [(0, 500), (500, 2000), (2000, 4000), (4000, 20000)]
@@ -109,13 +110,6 @@ def read_rows(path, fields=("prompt", "length")) -> list[dict]:
             raise DataError(f"missing field {missing[0]!r}")
         return row
     return read_jsonl(path, check)[0]
-
-
-def write_json(path, obj):
-    if path:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-        os.replace(path + ".tmp", path)
 
 
 def summary(preds: list[dict], judged: dict | None = None) -> dict:
@@ -392,7 +386,8 @@ def main():
             result = report(list(cfg.files), judged, cfg.plot)
     except (FileNotFoundError, ValueError, APIError) as e:
         sys.exit(f"error: {e}")
-    write_json(cfg.out, result)
+    if cfg.out:
+        write_json(cfg.out, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -432,7 +432,7 @@ class Transformer(nn.Module):
                     with torch.no_grad():
                         dst.copy_(src)
                     filled.add((ours, rows))
-        expected = {hf_to_ours(n, cfg) for n in hf_state_names(model)}
+        expected = {hf_to_ours(n, cfg) for n in hf_names(model.state_dict(), cfg)}
         if missing := expected - filled:
             raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0][0]}")
         return model
@@ -459,14 +459,17 @@ def hf_to_ours(name: str, cfg: ModelConfig):
     return name, None
 
 
-def hf_state_names(model: Transformer) -> list[str]:
-    """The tensor names of the checkpoint transformers expects for this model."""
+def hf_names(our_names, cfg: ModelConfig) -> list[str]:
+    """The checkpoint tensor names transformers expects for our parameter names (the inverse of
+    hf_to_ours; a tied lm_head is not written)."""
     names = []
-    for name, _ in model.named_parameters():  # a tied lm_head is listed once, as the embedding
+    for name in our_names:
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
         hf = name if name.startswith("lm_head") else "model." + name
         if ".qkv_proj." in hf:
             names += [hf.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
-        elif ".gate_up_proj." in hf and model.config.model_type != "glm":
+        elif ".gate_up_proj." in hf and cfg.model_type != "glm":
             names += [hf.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
         else:
             names.append(hf)
@@ -507,20 +510,11 @@ def save_hf(state_dict: dict, cfg: ModelConfig, path, max_shard_bytes: int = 5 *
     Each file goes to a temporary name first and is renamed into place, so no reader sees half a file.
     """
     os.makedirs(path, exist_ok=True)
-    q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
     tensors = {}
-    for name, t in state_dict.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        hf = name if name.startswith("lm_head") else "model." + name
-        if ".qkv_proj." in hf:
-            for p, (a, b) in zip(("q_proj", "k_proj", "v_proj"), ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
-                tensors[hf.replace("qkv_proj", p)] = t[a:b].contiguous()
-        elif ".gate_up_proj." in hf and cfg.model_type != "glm":
-            tensors[hf.replace("gate_up_proj", "gate_proj")] = t[:inter].contiguous()
-            tensors[hf.replace("gate_up_proj", "up_proj")] = t[inter:].contiguous()
-        else:
-            tensors[hf] = t.contiguous()
+    for hf in hf_names(state_dict, cfg):
+        ours, rows = hf_to_ours(hf, cfg)
+        t = state_dict[ours]
+        tensors[hf] = (t if rows is None else t[rows[0]:rows[1]]).contiguous()
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -544,6 +538,6 @@ def save_hf(state_dict: dict, cfg: ModelConfig, path, max_shard_bytes: int = 5 *
 
 
 def write_json(file, obj):
-    with open(file + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+    with open(file + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
     os.replace(file + ".tmp", file)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from agentwrite import APIError, AuthError, ChatClient, JsonlLog, LocalClient, parse_instruction
 from dataset import DataError, builtin_corpus, count_words, read_jsonl, write_builtin
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
-from train_sft import TrainConfig, autocast_for, build_model, log0, parse_args, prepare, run_training
+from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, row_logps,
+                       run_training)
 
 
 @dataclass
@@ -70,12 +71,8 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
 
 def sequence_logps(model, rows, device) -> torch.Tensor:
     """log p(response | prompt) of every document of the rows (run as one packed row): (n_docs,)."""
-    ids = torch.from_numpy(np.concatenate([r["ids"] for r in rows])).to(device)
-    targets = torch.from_numpy(np.concatenate([r["targets"] for r in rows])).to(device)
-    pos = torch.from_numpy(np.concatenate([r["position_ids"] for r in rows])).to(device)
+    logp = row_logps(model, rows, device)  # per token, 0 off target
     lengths = np.concatenate([np.diff(r["cu_seqlens"]) for r in rows])
-    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).to(device)
-    logp = model(ids[None], position_ids=pos[None], cu_seqlens=cu, targets=targets[None])[0]  # 0 off-target
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.from_numpy(lengths).to(device))
     return torch.zeros(len(lengths), device=device, dtype=logp.dtype).index_add(0, doc, logp)
 

@@ -170,16 +170,20 @@ def token_weights(rows: list[dict], reduction: str, n_tokens: int, n_convs: int)
     return np.concatenate(out)
 
 
-def micro_batch_loss(model, rows: list[dict], reduction: str, n_tokens: int, n_convs: int, device):
-    """This micro-batch's share of the global loss: its rows run as one packed row (B = 1)."""
+def row_logps(model, rows: list[dict], device) -> torch.Tensor:
+    """log p(target) of every token of the rows, run as one packed row (B = 1); 0 off target."""
     ids = torch.from_numpy(np.concatenate([r["ids"] for r in rows])).to(device)
     targets = torch.from_numpy(np.concatenate([r["targets"] for r in rows])).to(device)
     pos = torch.from_numpy(np.concatenate([r["position_ids"] for r in rows])).to(device)
-    offsets = np.cumsum([0] + [len(r["ids"]) for r in rows])
-    cu = torch.from_numpy(np.concatenate([r["cu_seqlens"][:-1] + o for r, o in zip(rows, offsets)] + [offsets[-1:]]))
+    lengths = np.concatenate([np.diff(r["cu_seqlens"]) for r in rows])
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).to(device)
+    return model(ids[None], position_ids=pos[None], cu_seqlens=cu, targets=targets[None])[0]
+
+
+def micro_batch_loss(model, rows: list[dict], reduction: str, n_tokens: int, n_convs: int, device):
+    """This micro-batch's share of the global loss."""
     w = torch.from_numpy(token_weights(rows, reduction, n_tokens, n_convs)).to(device, torch.float32)
-    logp = model(ids[None], position_ids=pos[None], cu_seqlens=cu.to(device), targets=targets[None])[0]
-    return -(logp * w).sum()
+    return -(row_logps(model, rows, device) * w).sum()
 
 
 def global_counts(rows: list[dict]) -> tuple[int, int]:
