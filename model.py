@@ -184,7 +184,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate each pair (x1, x2) of the first 2*(d/2) dims of x (B, T, H, D) by its angle.
 
     Llama checkpoints pair dim i with i + d/2 (halves); GLM pairs 2i with 2i+1 (interleaved).
+    Under autocast x is bf16 while cos/sin follow the float32 residual stream: rotate in x's dtype,
+    so that q and k reach the attention kernel in bf16 like v, not promoted to float32.
     """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rot = 2 * cos.shape[-1]
     xr, x_pass = x[..., :rot], x[..., rot:]
     if interleaved:

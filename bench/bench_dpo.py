@@ -3,7 +3,7 @@
 Usage (H100):  python bench/bench_dpo.py                     # Llama-3.2-1B shape, 2 x 8k-token answers
        (CPU):  python bench/bench_dpo.py --shape tiny --device cpu --answer-tokens 512
 Prints one table: tokens/s and peak memory of a DPO step (cached reference) next to an SFT step on
-the identical packed row; the goal is DPO <= ~1.5x SFT's time.
+the identical packed row, without and with activation checkpointing; the goal is DPO <= ~1.5x SFT's time.
 """
 import argparse
 import os
@@ -45,29 +45,37 @@ def main():
     row = pair_row(args.answer_tokens, args.prompt_tokens, mcfg.vocab_size)
     cfg = DPOConfig(device=args.device, micro_rows=1, beta=0.1)
     ref = np.zeros(2)  # cached reference log-probs: the values do not change the cost
+    model = build_model(mcfg, None, 0, 1, device, torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     results = []
-    for name in ("SFT", "DPO (cached reference)"):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        model = build_model(mcfg, None, 0, 1, device, torch.bfloat16, checkpointing=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
-        loss_fn = sft_loss if name == "SFT" else (lambda *a: dpo_step(*a, ref_logps=ref))
+    for ckpt in (False, True):
+        model.checkpointing = ckpt
+        for name in ("SFT", "DPO (cached reference)"):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            loss_fn = sft_loss if name == "SFT" else (lambda *a: dpo_step(*a, ref_logps=ref))
 
-        def step():
-            loss_fn(cfg, model, [row], 0, 1, device)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        dt = timed(step, device)
-        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
-        results.append((name, len(row["ids"]) / dt, dt, mem))
-        del model, opt
+            def step():
+                loss_fn(cfg, model, [row], 0, 1, device)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            try:
+                dt = timed(step, device)
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                results.append((name + (", ckpt" if ckpt else ""), None, None, "OOM"))
+                continue
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
+            results.append((name + (", ckpt" if ckpt else ""), len(row["ids"]) / dt, dt, mem))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.shape} shape, one pair of 2 x {args.answer_tokens}-token answers per step, {name}")
-    print(f"| {'step':<24} | {'tokens/s':>9} | {'x SFT time':>10} | {'peak GiB':>8} |")
-    print(f"| {'-' * 24} | {'-' * 9} | {'-' * 10} | {'-' * 8} |")
-    for step_name, tps, dt, mem in results:
-        print(f"| {step_name:<24} | {tps:>9,.0f} | {dt / results[0][2]:>10.2f} | {mem:>8} |")
+    print(f"| {'step':<30} | {'tokens/s':>9} | {'x SFT time':>10} | {'peak GiB':>8} |")
+    print(f"| {'-' * 30} | {'-' * 9} | {'-' * 10} | {'-' * 8} |")
+    for i, (step_name, tps, dt, mem) in enumerate(results):
+        sft_dt = results[i - i % 2][2]  # the SFT step of the same checkpointing setting
+        ratio = f"{dt / sft_dt:.2f}" if dt and sft_dt else "-"
+        print(f"| {step_name:<30} | {f'{tps:,.0f}' if tps else 'OOM':>9} | {ratio:>10} | {mem:>8} |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Usage (H100):  python bench/bench_train.py                 # Llama-3.2-1B shape, rows of 16k, 32k, 64k tokens
        (CPU):  python bench/bench_train.py --shape tiny --device cpu --lengths 1024
-Ours: float32 master weights, bf16 autocast, activation checkpointing, chunked LM head, fused AdamW,
-on a single-document row and on a row packing five documents (3/8, 1/4, 3/16, 1/8, 1/16 of it).
+Ours: float32 master weights, bf16 autocast, chunked LM head, fused AdamW, with and without activation
+checkpointing ("ckpt"), on a single-document row and on a row packing five documents (3/8, 1/4, 3/16,
+1/8, 1/16 of it). One model and optimizer serve all of ours.
 transformers: bf16 weights, SDPA, gradient checkpointing, fused AdamW, one causal sequence.
 """
 import argparse
@@ -51,13 +52,12 @@ def timed(step, device, warmup=2, reps=5):
     return statistics.median(times)
 
 
-def ours(cfg, device, T, packed):
+def ours(model, opt, device, T, packed, checkpointing):
     fractions = [6, 4, 3, 2, 1] if packed else [16]
     lengths = [T * f // 16 for f in fractions]
     lengths[0] += T - sum(lengths)
-    row = row_of(lengths, cfg.vocab_size)
-    model = build_model(cfg, None, 0, 1, device, torch.bfloat16, checkpointing=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    row = row_of(lengths, model.config.vocab_size)
+    model.checkpointing = checkpointing
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
@@ -67,7 +67,10 @@ def ours(cfg, device, T, packed):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed(step, device), T / np.mean(lengths)
+    try:
+        return timed(step, device), T / np.mean(lengths)
+    finally:
+        opt.zero_grad(set_to_none=True)  # also after an out-of-memory error, before the next setting
 
 
 def hf(cfg, device, T):
@@ -94,6 +97,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536])
     ap.add_argument("--hf-lengths", type=int, nargs="*", default=[16384])
+    ap.add_argument("--compile", action="store_true", help="torch.compile our MLPs (train_sft.py --compile)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = ModelConfig(**SHAPES[args.shape])
@@ -114,17 +118,23 @@ def main():
         except torch.OutOfMemoryError:
             rows.append((impl, T, "OOM", "-", "-"))
 
+    # one model and optimizer for all of ours; activation checkpointing off (faster) and on (fits longer rows)
+    model = build_model(cfg, None, 0, 1, device, torch.bfloat16, compile=args.compile)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     for T in args.lengths:
-        record("ours, one document", T, lambda: ours(cfg, device, T, packed=False))
-        record("ours, five packed documents", T, lambda: ours(cfg, device, T, packed=True))
+        for ckpt in (False, True):
+            for packed in (False, True):
+                label = f"ours, {'five packed docs' if packed else 'one document'}{', ckpt' if ckpt else ''}"
+                record(label, T, lambda: ours(model, opt, device, T, packed, ckpt))
+    del model, opt
     for T in args.hf_lengths:
         record("transformers", T, lambda: hf(cfg, device, T))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\nSFT step, {args.shape} shape, {name}, torch {torch.__version__}")
-    print(f"| {'implementation':<28} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
-    print(f"| {'-' * 28} | {'-' * 10} | {'-' * 9} | {'-' * 6} | {'-' * 8} |")
+    print(f"| {'implementation':<32} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
+    print(f"| {'-' * 32} | {'-' * 10} | {'-' * 9} | {'-' * 6} | {'-' * 8} |")
     for impl, T, tps, mfu, mem in rows:
-        print(f"| {impl:<28} | {T:>10} | {tps:>9} | {mfu:>6} | {mem:>8} |")
+        print(f"| {impl:<32} | {T:>10} | {tps:>9} | {mfu:>6} | {mem:>8} |")
 
 
 if __name__ == "__main__":

@@ -202,3 +202,59 @@ def test_generate_cli_gives_a_clear_error_for_a_bad_folder(tmp_path):
     run = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode != 0 and "error:" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_decode_step_compiles_to_one_graph_reused_at_every_step(checkpoints):
+    """What the CUDA-graph path needs: torch.compile(fullgraph=True) traces the whole decode step (cache
+    writes included) once, with no graph break and no recompile as the slot moves, and gives eager's logits."""
+    from generate import decode_step
+    model = Transformer.from_pretrained(checkpoints["llama3"][0]).eval()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(decode_step, backend=counting_backend, fullgraph=True)
+    prompts = [torch.randint(3, BASE["vocab_size"], (n,)).tolist() for n in (6, 9)]
+    P, S = 9, 20
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    start, slots = torch.tensor([P - len(p) for p in prompts]), torch.arange(S)
+    results = []
+    for fn in (decode_step, step):
+        with torch.no_grad():
+            model.setup_cache(2, S)
+            q, k = slots[:P, None], slots[None]
+            mask = ((k <= q) & ((k >= start[:, None, None]) | (k == q)))[:, None]
+            model(ids, position_ids=(slots[None, :P] - start[:, None]).clamp_min(0), cache_pos=slots[:P], mask=mask)
+            tok, out = ids[:, -1:].contiguous(), []
+            for i in range(S - P):
+                logits = fn(model, tok, slots[P + i:P + i + 1].clone(), start, slots)
+                tok = logits.argmax(-1, keepdim=True)
+                out.append(logits)
+        results.append(torch.stack(out))
+    assert len(graphs) == 1, f"{len(graphs)} graphs for {S - P} steps"
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_bf16_autocast_gives_attention_bf16_queries_keys_and_values(monkeypatch):
+    """Training keeps float32 weights under bf16 autocast: the rotated q and k must not be promoted to float32
+    by the float32 cos/sin (the fused GPU kernels take bf16 only, and float32 doubles their memory)."""
+    import model as model_module
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model, seen = Transformer(cfg), []
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return attention(q, k, v, *args, **kwargs)
+
+    attention = model_module.attention
+    monkeypatch.setattr(model_module, "attention", spy)
+    ids = torch.randint(0, 50, (1, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = model(ids, cu_seqlens=torch.tensor([0, 8, 20]), targets=ids)
+    logps.sum().backward()
+    assert seen == [{torch.bfloat16}] * 2
+    assert logps.dtype == torch.float32 and model.embed_tokens.weight.grad.dtype == torch.float32

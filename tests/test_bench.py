@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end on tiny shapes (CPU), so they do not rot between GPU sessions.
+Their numbers here mean nothing; the H100 figures are in BENCHMARKS.md."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def table_rows(cmd):
+    out = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| -")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # without the header
+
+
+@pytest.mark.parametrize("cmd, expected", [
+    (["bench/bench_generate.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--new-tokens", "48",
+      "--contexts", "256", "--context-new-tokens", "40"], ["ours", "ours", "transformers dynamic cache"]),
+    (["bench/bench_train.py", "--shape", "tiny", "--device", "cpu", "--lengths", "256", "--hf-lengths", "256"],
+     ["ours, one document", "ours, five packed docs", "ours, one document, ckpt", "ours, five packed docs, ckpt",
+      "transformers"]),
+    (["bench/bench_dpo.py", "--shape", "tiny", "--device", "cpu", "--answer-tokens", "128"],
+     ["SFT", "DPO (cached reference)", "SFT, ckpt", "DPO (cached reference), ckpt"]),
+])
+def test_benchmark_prints_one_row_per_setting_with_a_rate(cmd, expected):
+    rows = table_rows(cmd)
+    assert [r[0] for r in rows] == expected
+    rate_column = 2 if "bench_dpo" not in cmd[0] else 1
+    for r in rows:
+        assert re.fullmatch(r"[\d,]+(\.\d)?", r[rate_column]) and float(r[rate_column].replace(",", "")) > 0, r
