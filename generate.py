@@ -57,6 +57,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     device = model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
+    window = model.config.sliding_window
+    if window and S > window:
+        raise ValueError(f"prompt + max_new_tokens = {S} tokens is longer than the model's sliding_window ({window}), "
+                         "which this implementation does not apply")
     model.setup_cache(B, S)
     torch.manual_seed(seed)
     ids = torch.zeros(B, P, dtype=torch.long, device=device)

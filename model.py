@@ -385,8 +385,9 @@ class Transformer(nn.Module):
             else:
                 position_ids = (cache_pos if cache_pos is not None else torch.arange(T, device=input_ids.device))
                 position_ids = position_ids[None].expand(B, T)
-        if self.config.sliding_window and int(position_ids.max()) >= self.config.sliding_window:
-            raise ValueError(f"sequence longer than the model's sliding_window ({self.config.sliding_window}), "
+        window = self.config.sliding_window  # checked eagerly (the compiled decode step is checked by generate)
+        if window and not torch.compiler.is_compiling() and int(position_ids.max()) >= window:
+            raise ValueError(f"sequence longer than the model's sliding_window ({window}), "
                              "which this implementation does not apply")
         doc_bounds = None
         if cu_seqlens is not None:

@@ -204,11 +204,14 @@ def test_generate_cli_gives_a_clear_error_for_a_bad_folder(tmp_path):
     assert run.returncode != 0 and "error:" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_decode_step_compiles_to_one_graph_reused_at_every_step(checkpoints):
+@pytest.mark.parametrize("name", ["llama3", "llama-dynamic", "mistral-window", "glm"])
+def test_decode_step_compiles_to_one_graph_reused_at_every_step(checkpoints, name):
     """What the CUDA-graph path needs: torch.compile(fullgraph=True) traces the whole decode step (cache
     writes included) once, with no graph break and no recompile as the slot moves, and gives eager's logits."""
     from generate import decode_step
-    model = Transformer.from_pretrained(checkpoints["llama3"][0]).eval()
+    model = Transformer.from_pretrained(checkpoints[name.replace("-window", "")][0]).eval()
+    if name == "mistral-window":
+        model.config.sliding_window = 4096  # a window the sequence stays inside (Mistral-7B-v0.1's)
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -258,3 +261,14 @@ def test_bf16_autocast_gives_attention_bf16_queries_keys_and_values(monkeypatch)
     logps.sum().backward()
     assert seen == [{torch.bfloat16}] * 2
     assert logps.dtype == torch.float32 and model.embed_tokens.weight.grad.dtype == torch.float32
+
+
+def test_positions_past_a_sliding_window_are_refused_not_silently_wrong(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["mistral"][0]).eval()
+    model.config.sliding_window = 16
+    with torch.no_grad():
+        model(torch.randint(0, BASE["vocab_size"], (1, 16)))  # inside the window: fine
+        with pytest.raises(ValueError, match="sliding_window"):
+            model(torch.randint(0, BASE["vocab_size"], (1, 17)))
+        with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 18 .* sliding_window \(16\)"):
+            generate(model, [[3, 4, 5]], max_new_tokens=15)
