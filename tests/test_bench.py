@@ -19,7 +19,7 @@ def table_rows(cmd):
 
 @pytest.mark.parametrize("cmd, expected", [
     (["bench/bench_generate.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--new-tokens", "48",
-      "--contexts", "256", "--context-new-tokens", "40"], ["ours", "ours", "transformers dynamic cache"]),
+      "--contexts", "256", "--context-new-tokens", "40", "--hf-new-tokens", "48"], ["ours", "ours", "transformers dynamic cache"]),
     (["bench/bench_train.py", "--shape", "tiny", "--device", "cpu", "--lengths", "256", "--hf-lengths", "256"],
      ["ours, one document", "ours, five packed docs", "ours, one document, ckpt", "ours, five packed docs, ckpt",
       "transformers"]),
