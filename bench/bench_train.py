@@ -130,7 +130,7 @@ def main():
     for T in args.hf_lengths:
         record("transformers", T, lambda: hf(cfg, device, T))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\nSFT step, {args.shape} shape, {name}, torch {torch.__version__}")
+    print(f"\nSFT step, {args.shape} shape, {name}, torch {torch.__version__}{', MLPs compiled' if args.compile else ''}")
     print(f"| {'implementation':<32} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
     print(f"| {'-' * 32} | {'-' * 10} | {'-' * 9} | {'-' * 6} | {'-' * 8} |")
     for impl, T, tps, mfu, mem in rows:
