@@ -43,6 +43,26 @@ def decode_step(model, tokens, slot, start, slots):
     return model(tokens, position_ids=position_ids, cache_pos=slot, mask=mask)[:, -1]
 
 
+def prefill(model, prompts: list[list[int]], cache_len: int):
+    """Left-pad the prompts into a fresh cache of cache_len slots; returns (last logits (B, V), start, slots)
+    where row b's prompt begins at slot start[b]. What decode_step continues from."""
+    device = model.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    model.setup_cache(B, cache_len)
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    start = torch.tensor([P - len(p) for p in prompts], device=device)
+    slots = torch.arange(cache_len, device=device)
+    prompt_slots = slots[:P]
+    mask = None
+    if start.any():  # padded rows: a query sees its own row's real tokens (and itself, so no row is empty)
+        q, k = prompt_slots[:, None], slots[None]
+        mask = ((k <= q) & ((k >= start[:, None, None]) | (k == q)))[:, None]  # (B, 1, P, S)
+    position_ids = (prompt_slots[None] - start[:, None]).clamp_min(0)
+    return model(ids, position_ids=position_ids, cache_pos=prompt_slots, mask=mask)[:, -1], start, slots
+
+
 _compiled = {}
 
 
@@ -61,20 +81,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if window and S > window:
         raise ValueError(f"prompt + max_new_tokens = {S} tokens is longer than the model's sliding_window ({window}), "
                          "which this implementation does not apply")
-    model.setup_cache(B, S)
     torch.manual_seed(seed)
-    ids = torch.zeros(B, P, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    start = torch.tensor([P - len(p) for p in prompts], device=device)
-    slots = torch.arange(S, device=device)
-    prompt_slots = slots[:P]
-    mask = None
-    if start.any():  # padded rows: a query sees its own row's real tokens (and itself, so no row is empty)
-        q, k = prompt_slots[:, None], slots[None]
-        mask = ((k <= q) & ((k >= start[:, None, None]) | (k == q)))[:, None]  # (B, 1, P, S)
-    position_ids = (prompt_slots[None] - start[:, None]).clamp_min(0)
-    logits = model(ids, position_ids=position_ids, cache_pos=prompt_slots, mask=mask)[:, -1]
+    logits, start, slots = prefill(model, prompts, S)
 
     step = decode_step
     if compile and device.type == "cuda":

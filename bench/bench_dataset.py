@@ -4,7 +4,6 @@ Usage: python bench/bench_dataset.py [--count 6000] [--words 5000] [--max-tokens
 Prints one table: seconds and tokens/s for reading + tokenizing and for packing + writing the cache.
 """
 import argparse
-import json
 import os
 import shutil
 import sys

@@ -51,6 +51,7 @@ def main():
     for ckpt in (False, True):
         model.checkpointing = ckpt
         for name in ("SFT", "DPO (cached reference)"):
+            label = name + (", ckpt" if ckpt else "")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -64,10 +65,10 @@ def main():
                 dt = timed(step, device)
             except torch.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
-                results.append((name + (", ckpt" if ckpt else ""), None, None, "OOM"))
+                results.append((label, None, None, "OOM"))
                 continue
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
-            results.append((name + (", ckpt" if ckpt else ""), len(row["ids"]) / dt, dt, mem))
+            results.append((label, len(row["ids"]) / dt, dt, mem))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.shape} shape, one pair of 2 x {args.answer_tokens}-token answers per step, {name}")
     print(f"| {'step':<30} | {'tokens/s':>9} | {'x SFT time':>10} | {'peak GiB':>8} |")

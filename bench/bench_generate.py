@@ -26,9 +26,9 @@ SHAPES = {
 }
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def decode_rate(stamps, skip):
+    """Tokens/s between the skip-th and the last token's timestamp."""
+    return (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
 
 
 def ours_rate(model, prompt_len, new_tokens, compile, skip=16):
@@ -39,7 +39,7 @@ def ours_rate(model, prompt_len, new_tokens, compile, skip=16):
     stamps = []
     generate(model, [prompt], new_tokens, compile=compile, temperature=0,
              on_tokens=lambda toks: stamps.append(time.perf_counter()))  # after the step's host sync
-    return (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
+    return decode_rate(stamps, skip)
 
 
 class Clock:
@@ -71,8 +71,7 @@ def hf_rate(cfg: ModelConfig, dtype, device, prompt_len, new_tokens, static, ski
     clock = Clock()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kw)
     del model
-    stamps = clock.stamps[1:]  # the first put is the prompt
-    return (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
+    return decode_rate(clock.stamps[1:], skip)  # the first put is the prompt
 
 
 def main():

@@ -208,7 +208,7 @@ def test_generate_cli_gives_a_clear_error_for_a_bad_folder(tmp_path):
 def test_decode_step_compiles_to_one_graph_reused_at_every_step(checkpoints, name):
     """What the CUDA-graph path needs: torch.compile(fullgraph=True) traces the whole decode step (cache
     writes included) once, with no graph break and no recompile as the slot moves, and gives eager's logits."""
-    from generate import decode_step
+    from generate import decode_step, prefill
     model = Transformer.from_pretrained(checkpoints[name.replace("-window", "")][0]).eval()
     if name == "mistral-window":
         model.config.sliding_window = 4096  # a window the sequence stays inside (Mistral-7B-v0.1's)
@@ -222,16 +222,11 @@ def test_decode_step_compiles_to_one_graph_reused_at_every_step(checkpoints, nam
     step = torch.compile(decode_step, backend=counting_backend, fullgraph=True)
     prompts = [torch.randint(3, BASE["vocab_size"], (n,)).tolist() for n in (6, 9)]
     P, S = 9, 20
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    start, slots = torch.tensor([P - len(p) for p in prompts]), torch.arange(S)
     results = []
     for fn in (decode_step, step):
         with torch.no_grad():
-            model.setup_cache(2, S)
-            q, k = slots[:P, None], slots[None]
-            mask = ((k <= q) & ((k >= start[:, None, None]) | (k == q)))[:, None]
-            model(ids, position_ids=(slots[None, :P] - start[:, None]).clamp_min(0), cache_pos=slots[:P], mask=mask)
-            tok, out = ids[:, -1:].contiguous(), []
+            logits, start, slots = prefill(model, prompts, S)
+            tok, out = logits.argmax(-1, keepdim=True), []
             for i in range(S - P):
                 logits = fn(model, tok, slots[P + i:P + i + 1].clone(), start, slots)
                 tok = logits.argmax(-1, keepdim=True)

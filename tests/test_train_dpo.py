@@ -1,9 +1,7 @@
 """train_dpo.py: the DPO loss by hand, cached vs live reference, packing, a tiny run, pair building."""
 import json
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 
