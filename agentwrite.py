@@ -6,9 +6,11 @@ Usage:
     python agentwrite.py --input instructions.jsonl --output longwriter.jsonl --api-base URL --model NAME
     python agentwrite.py --input instructions.jsonl --output longwriter.jsonl --checkpoint DIR   # local model
 
-Input lines hold at least "prompt". Output lines are SFT records {"messages": [user, assistant]} with the
-plan and per-paragraph word counts as metadata. Every finished plan and paragraph is appended to
-OUTPUT.cache.jsonl as it arrives: rerun the same command after a crash and only unfinished calls are made.
+Input lines hold at least "prompt" (other fields, an "id" included, are copied to the output). Output
+lines are SFT records {"messages": [user, assistant]} with the parsed plan, the plan as the model wrote it
+("plan_text") and per-paragraph word counts as metadata. Every finished plan and paragraph is appended to
+OUTPUT.cache.jsonl as it arrives, keyed by the prompt's text (not its line): rerun the same command after a
+crash, or after editing the input file, and only unfinished calls are made.
 """
 import argparse
 import hashlib
@@ -27,72 +29,152 @@ import requests
 
 from dataset import DataError, count_words, read_jsonl
 
-PLAN_PROMPT = """I need you to help me break down the following long-form writing instruction into multiple \
-subtasks. Each subtask will guide the writing of one paragraph in the essay, and should include the main \
-points and word count requirements for that paragraph.
+PLAN_PROMPT = """Plan the piece of writing requested below so that it can be drafted one paragraph at a time.
 
-The writing instruction is as follows:
-
+Request:
 {instruction}
 
-Please break it down in the following format, with each subtask taking up one line:
+Answer with the plan only: one line per paragraph, in reading order, each line in this form:
+Paragraph N - Main Point: [what the paragraph covers, specific enough to draft it from this line alone] - \
+Word Count: [number] words
 
-Paragraph 1 - Main Point: [Describe the main point of the paragraph, in detail] - Word Count: [Word \
-count requirement, e.g., 400 words]
+Give each paragraph between 200 and 1,000 words and do not cut the piece into many small pieces: a few \
+substantial paragraphs read better than a long list of thin ones. The paragraphs together must cover \
+everything the request asks for, and their word counts must add up to the length it asks for."""
 
-Paragraph 2 - Main Point: [...] - Word Count: [...]
+WRITE_PROMPT = """We are writing a long piece together, one paragraph per turn, following a plan.
 
-...
-
-Make sure that each subtask is clear and specific, and that all subtasks together cover the whole \
-instruction. Do not output any other content."""
-
-WRITE_PROMPT = """You are an excellent writing assistant. I will give you an original writing instruction \
-and my planned writing steps. I will also provide you with the text I have already written. Please help me \
-continue writing the next paragraph based on the writing instruction, writing steps, and the already \
-written text.
-
-Writing instruction:
+Request:
 {instruction}
 
-Writing steps:
+Plan:
 {plan}
 
-Already written text:
+Text written so far:
 {text}
 
-Please integrate the original writing instruction, writing steps, and the already written text, and now \
-continue writing {step} for me. Output only the paragraph itself: no heading for the step, no word count, \
-nothing before or after it."""
+Now write {step}. Carry on from where the text so far stops, in the same voice, and stay close to the word \
+count the plan gives. The paragraph may begin with a short subtitle if the piece suits one. Reply with the \
+new paragraph alone: repeat nothing already written, and add no notes or word counts. Keep summaries, \
+conclusions and appeals to the reader for the plan's last paragraph."""
 
 MAX_STEPS = 50
 
 
 # -----------------------------------------------------------------------------
-# plans
+# plans, as models really write them: "Paragraph 1 - Main Point: ... - Word Count: 400 words", markdown
+# blocks with the count on its own line, numbered lists with "(300-400 words)", Chinese "第一段 ... 800字",
+# tables; with titles, intros and "Total: 5000 words" lines around them that are not paragraphs.
 
-COUNT_RE = re.compile(r"(?:word\s*count|字数)\s*[:：]?\s*(?:about\s*|约)?(\d[\d,]*)|(\d[\d,]*)\s*(?:words?\b|字)", re.I)
-NUMBERING_RE = re.compile(r"^\s*(?:[-*#>]+\s*)?(?:\*\*)?(?:paragraph|para\.?|step|part|section)?\s*"
-                          r"(?:第\s*\d+\s*[段步部]分?|\d+)?\s*(?:\*\*)?\s*[.):：、-]*\s*", re.I)
-POINT_RE = re.compile(r"^(?:main\s*point|主要内容|要点)\s*[:：]\s*", re.I)
+NUM = r"\d{1,3}(?:,\d{3})+|\d+"
+RANGE = rf"({NUM})(?:\s*(?:-|–|—|~|～|to|至|到)\s*({NUM}))?"
+APPROX = r"(?:approximately|approx\.?|about|around|roughly|circa|~|约|大约)?"
+LABEL = r"(?:word\s*count|words?|length|字数(?:要求)?|篇幅)"
+LABELLED_RE = re.compile(rf"{LABEL}\s*\**\s*[:：]\s*\**\s*{APPROX}\s*{RANGE}(?:\s*(?:words?\b|字))?(?:\s*左右)?", re.I)
+COUNT_RE = re.compile(rf"{APPROX}\s*{RANGE}\s*-?\s*(?:words?\b|字)(?:\s*左右)?", re.I)
+CN_NUM = "一二三四五六七八九十百"
+HEADER_RE = re.compile(rf"^(?:(?:paragraph|para\.?|section|part|step|段落|部分)\s*(?:\d+|[{CN_NUM}]+)"
+                       rf"|第\s*(?:\d+|[{CN_NUM}]+)\s*(?:段|部分|节|章|步)|\d+\s*(?:[.)、:：]|\s[-–—]\s)|\(\d+\))", re.I)
+POINT_LABEL_RE = re.compile(r"(?:main\s*points?|key\s*points?|points?|focus|content|主要观点|主要内容|要点|内容)"
+                            r"\s*\**\s*[:：]", re.I)
+TOTAL_RE = re.compile(r"\b(?:total|in all|altogether|overall)\b|总计|合计|共计|总字数|全文", re.I)
+
+
+def find_count(line: str):
+    """(words, span, labelled) of the word count in a line, or None. A range counts as its midpoint."""
+    m = LABELLED_RE.search(line)
+    labelled = m is not None
+    if not m:
+        matches = list(COUNT_RE.finditer(line))
+        if not matches:
+            return None
+        m = matches[-1]
+    lo = int(m.group(1).replace(",", ""))
+    hi = int(m.group(2).replace(",", "")) if m.group(2) else lo
+    return (lo + hi) // 2, m.span(), labelled
+
+
+def clean_point(text: str) -> str:
+    """The paragraph's main point, without numbering, labels, markdown or empty brackets."""
+    text = re.sub(r"\*\*|__|`", "", text).strip()
+    text = re.sub(r"^[#>*•\-\s]+", "", text)
+    text = HEADER_RE.sub("", text, count=1)
+    text = POINT_LABEL_RE.sub("", text)
+    text = re.sub(r"\(\s*\)|（\s*）|\[\s*\]|【\s*】", "", text)
+    text = re.sub(r"\s+([:：,，;；.])", r"\1", re.sub(r"\s+", " ", text))  # what removing the count left
+    return text.strip(" \t-–—:：,，;；|*.。()（）[]【】")
+
+
+def plan_table(lines: list[str]) -> list[dict] | None:
+    """Steps of a markdown table whose header names a word-count column; None when there is none."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.strip().startswith("|")]
+    rows = [r for r in rows if not all(re.fullmatch(r":?-+:?", c) for c in r if c)]
+    for h, header in enumerate(rows):
+        count_col = next((i for i, c in enumerate(header) if re.search(LABEL, c, re.I) and not re.search(r"\d", c)), None)
+        if count_col is None:
+            continue
+        point_col = next((i for i, c in enumerate(header) if POINT_LABEL_RE.search(c + ":") and i != count_col),
+                         max(range(len(header)), key=lambda i: (i != count_col and i != 0, i)))
+        steps = []
+        for r in rows[h + 1:]:
+            if len(r) != len(header):
+                continue
+            m = re.search(RANGE, r[count_col])
+            point = clean_point(r[point_col])
+            if m and point:
+                lo, hi = int(m.group(1).replace(",", "")), int((m.group(2) or m.group(1)).replace(",", ""))
+                steps.append({"point": point, "words": (lo + hi) // 2})
+        return steps
+    return None
 
 
 def parse_plan(text: str) -> list[dict]:
-    """Plan lines -> [{"point": str, "words": int}]. A line counts when it names a word count
-    ("400 words", "Word Count: 400", "400字"); numbering, bold marks and blank lines are ignored."""
-    steps = []
-    for line in text.splitlines():
-        matches = list(COUNT_RE.finditer(line))
-        if not matches:
-            continue
-        m = matches[-1]
-        words = int((m.group(1) or m.group(2)).replace(",", ""))
-        point = line[:m.start()]
-        point = re.sub(r"(?:word\s*count|字数)\s*[:：]?\s*(?:about\s*|约)?$", "", point.strip(), flags=re.I)
-        point = NUMBERING_RE.sub("", point, count=1).strip(" -–—:：,，*[]()（）")
-        point = POINT_RE.sub("", point).strip(" -–—:：,，*[]")
-        if words > 0 and point:
-            steps.append({"point": point, "words": words})
+    """Plan text -> [{"point": str, "words": int}], one per paragraph.
+
+    Numbered lines ("Paragraph 2", "3.", "第三段", "段落3") each open a paragraph, and the lines under
+    one (a "Main Point:" line, a "Word Count: 400" line) belong to it; text before the first is a
+    title or an intro. Without numbering, each line with a word count is a paragraph (only the
+    labelled ones, "Word Count: N", when some are labelled; a label-only line takes the text line
+    above it as its point). A range ("300-400 words") counts as its midpoint; "Total" lines and a
+    line whose count is the sum of all the others (a title's "(2000 words)") are not paragraphs.
+    """
+    lines = [l for l in text.splitlines() if l.strip() and not TOTAL_RE.search(l)]
+    table = plan_table(lines)
+    if table is not None:
+        return table
+    bare = [re.sub(r"\*\*|__", "", l).strip().lstrip("#>*•- \t") for l in lines]
+    blocks = []  # [point texts, count or None]
+    if any(HEADER_RE.match(b) for b in bare):
+        for b in bare:
+            if HEADER_RE.match(b):
+                blocks.append([[], None])
+            elif not blocks:
+                continue  # a title or an intro
+            elif blocks[-1][0] and blocks[-1][1] and not POINT_LABEL_RE.search(b):
+                continue  # the paragraph is complete: a closing remark, not part of it
+            count = find_count(b)
+            if count and blocks[-1][1] is None:
+                blocks[-1][1] = count[0]
+                b = b[:count[1][0]] + b[count[1][1]:]
+            elif count:
+                continue
+            if clean_point(b):
+                blocks[-1][0].append(clean_point(b))
+    else:
+        counts = [find_count(b) for b in bare]
+        labelled_only = any(c and c[2] for c in counts)
+        above = ""
+        for b, c in zip(bare, counts):
+            if c is None or (labelled_only and not c[2]):
+                above = clean_point(b)
+                continue
+            point = clean_point(b[:c[1][0]] + b[c[1][1]:]) or above
+            blocks.append([[point] if point else [], c[0]])
+            above = ""
+    steps = [{"point": ": ".join(p[:2]), "words": w} for p, w in blocks if p and w]
+    if len(steps) > 2:
+        total = sum(s["words"] for s in steps)
+        steps = [s for s in steps if 2 * s["words"] != total]
     return steps
 
 
@@ -102,10 +184,9 @@ def plan_text(steps: list[dict]) -> str:
 
 
 def fill(template: str, **values) -> str:
-    """Replace {name} markers by value (str.replace, so braces in user text are safe)."""
-    for k, v in values.items():
-        template = template.replace("{" + k + "}", v)
-    return template
+    """Replace the template's {name} markers in one pass, so that markers inside the values (user text
+    that happens to contain "{text}") are left as written."""
+    return re.sub(r"\{(" + "|".join(values) + r")\}", lambda m: values[m.group(1)], template)
 
 
 # -----------------------------------------------------------------------------
@@ -239,8 +320,12 @@ class JsonlLog:
             os.fsync(f.fileno())
 
 
-def item_id(index: int, prompt: str) -> str:
-    return f"{index}-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}"
+def item_key(prompt: str, occurrence: int) -> str:
+    """What an instruction is known by in the output and the cache: its text, not its line, so that
+    editing the input file (a line inserted above) never reruns finished work. The k-th repeat of
+    the same prompt gets its own key."""
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+    return digest if occurrence == 0 else f"{digest}-{occurrence}"
 
 
 def parse_instruction(obj) -> dict:
@@ -250,15 +335,19 @@ def parse_instruction(obj) -> dict:
 
 
 def read_instructions(path) -> list[tuple[str, dict]]:
-    """(item id, record) per input line; the id is stable across reruns of the same file."""
+    """(item key, record) per input line."""
     records, _ = read_jsonl(path, parse_instruction)
-    return [(item_id(i, obj["prompt"]), obj) for i, obj in enumerate(records)]
+    seen, items = {}, []
+    for obj in records:
+        k = seen[obj["prompt"]] = seen.get(obj["prompt"], -1) + 1
+        items.append((item_key(obj["prompt"], k), obj))
+    return items
 
 
 # -----------------------------------------------------------------------------
 # one instruction: plan, then each paragraph in order
 
-def write_item(client, iid, source, cache: JsonlLog, done: dict, cfg) -> dict:
+def write_item(client, key, source, cache: JsonlLog, done: dict, cfg) -> dict:
     """Run the calls this item still needs; returns its output record. `done` holds its cached results."""
     instruction = source["prompt"]
     if "plan" not in done:
@@ -267,22 +356,23 @@ def write_item(client, iid, source, cache: JsonlLog, done: dict, cfg) -> dict:
         steps = parse_plan(text)
         if not steps or len(steps) > MAX_STEPS:
             raise APIError(f"plan rejected: {len(steps)} parseable steps (1 to {MAX_STEPS} needed)")
-        done["plan"] = steps
-        cache.append({"id": iid, "kind": "plan", "steps": steps})
+        done["plan"], done["plan_text"] = steps, text
+        cache.append({"key": key, "kind": "plan", "steps": steps, "text": text})
     steps, paragraphs = done["plan"], done.setdefault("paragraphs", {})
     for i, step in enumerate(steps):
         if i in paragraphs:
             continue
         written = "\n\n".join(paragraphs[j] for j in range(i))
         prompt = fill(cfg.write_template, instruction=instruction, plan=plan_text(steps), text=written,
-                      step=f"paragraph {i + 1}: {step['point']} - Word Count: {step['words']} words")
+                      step=f"paragraph {i + 1} of {len(steps)} ({step['point']}; {step['words']} words)")
         text = client.chat([{"role": "user", "content": prompt}], max_tokens=3 * step["words"] + 200,
                            temperature=cfg.temperature).strip()
         paragraphs[i] = text
-        cache.append({"id": iid, "kind": "paragraph", "i": i, "text": text})
+        cache.append({"key": key, "kind": "paragraph", "i": i, "text": text})
     answer = "\n\n".join(paragraphs[i] for i in range(len(steps)))
-    return {"id": iid, "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
-            "plan": steps, "paragraph_words": [count_words(paragraphs[i]) for i in range(len(steps))],
+    return {"key": key, "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
+            "plan": steps, "plan_text": done.get("plan_text", ""),
+            "paragraph_words": [count_words(paragraphs[i]) for i in range(len(steps))],
             "words": count_words(answer), "planned_words": sum(s["words"] for s in steps)}
 
 
@@ -295,7 +385,7 @@ class AgentConfig:
     api_key_env: str = "OPENAI_API_KEY"  # the name of the variable holding the key, never the key
     checkpoint: str = ""                 # write with our own model in-process instead of an endpoint
     plan_prompt: str = ""                # file replacing PLAN_PROMPT ({instruction} marker)
-    write_prompt: str = ""               # file replacing WRITE_PROMPT ({instruction} {plan} {text} {step})
+    write_prompt: str = ""               # file replacing WRITE_PROMPT ({instruction} {plan} {text} {step} markers)
     workers: int = 8
     max_retries: int = 5
     timeout: float = 600.0
@@ -313,8 +403,11 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         if path:
             with open(path, encoding="utf-8") as f:
                 setattr(cfg, name.replace("prompt", "template"), f.read())
-    if "{instruction}" not in cfg.plan_template:
-        raise ValueError(f"{cfg.plan_prompt}: the plan prompt needs an {{instruction}} marker")
+    for name, template, markers in (("plan", cfg.plan_template, ("instruction",)),
+                                    ("write", cfg.write_template, ("instruction", "plan", "text", "step"))):
+        if missing := [m for m in markers if "{" + m + "}" not in template]:
+            raise ValueError(f"{getattr(cfg, name + '_prompt') or name + ' prompt'}: no {{{missing[0]}}} marker "
+                             f"(the {name} prompt needs {', '.join('{' + m + '}' for m in markers)})")
     items = read_instructions(cfg.input)
     if client is None:
         if cfg.checkpoint:
@@ -323,32 +416,32 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
             client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                 cfg.max_retries, cfg.backoff)
     output, cache = JsonlLog(cfg.output), JsonlLog(cfg.output + ".cache.jsonl")
-    finished = {r["id"] for r in output.read()} | {r["id"] for r in cache.read() if r["kind"] == "dropped"}
+    finished = {r["key"] for r in output.read()} | {r["key"] for r in cache.read() if r["kind"] == "dropped"}
     state = {}
     for r in cache.read():
-        s = state.setdefault(r["id"], {})
+        s = state.setdefault(r["key"], {})
         if r["kind"] == "plan":
-            s["plan"] = r["steps"]
+            s["plan"], s["plan_text"] = r["steps"], r.get("text", "")
         elif r["kind"] == "paragraph":
             s.setdefault("paragraphs", {})[r["i"]] = r["text"]
-    todo = [(iid, src) for iid, src in items if iid not in finished]
+    todo = [(key, src) for key, src in items if key not in finished]
     counts = {"done": 0, "failed": 0, "dropped": 0, "skipped": len(items) - len(todo), "words": 0}
     lock, t0 = threading.Lock(), time.time()
 
-    def one(iid, src):
+    def one(key, src):
         try:
-            rec = write_item(client, iid, src, cache, state.setdefault(iid, {}), cfg)
+            rec = write_item(client, key, src, cache, state.setdefault(key, {}), cfg)
         except AuthError:
             raise
         except APIError as e:
-            cache.append({"id": iid, "kind": "failed", "error": str(e)})
-            outcome, msg = "failed", f"{iid}: failed: {e}"
+            cache.append({"key": key, "kind": "failed", "error": str(e)})
+            outcome, msg = "failed", f"{key}: failed: {e}"
         else:
             if rec["words"] < cfg.min_ratio * rec["planned_words"]:
-                cache.append({"id": iid, "kind": "dropped", "words": rec["words"], "planned": rec["planned_words"]})
-                outcome, msg = "dropped", f"{iid}: dropped, {rec['words']} of {rec['planned_words']} planned words"
-            else:
-                output.append({**{k: v for k, v in src.items() if k != "prompt"}, **rec})
+                cache.append({"key": key, "kind": "dropped", "words": rec["words"], "planned": rec["planned_words"]})
+                outcome, msg = "dropped", f"{key}: dropped, {rec['words']} of {rec['planned_words']} planned words"
+            else:  # the input's own fields (its "id" too) are kept; "id" defaults to the key
+                output.append({"id": key, **{k: v for k, v in src.items() if k != "prompt"}, **rec})
                 outcome, msg = "done", None
         with lock:
             counts[outcome] += 1
@@ -361,7 +454,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
                 f"| {counts['words']:,} words | eta {eta / 60:.1f} min")
 
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-        futures = [pool.submit(one, iid, src) for iid, src in todo]
+        futures = [pool.submit(one, key, src) for key, src in todo]
         try:
             for f in futures:
                 f.result()

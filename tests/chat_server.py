@@ -52,5 +52,12 @@ class ChatServer:
 
 
 def instruction_of(content: str) -> str:
-    m = re.search(r"(?:as follows:\n\n|Writing instruction:\n)(.*?)\n\n", content, re.S)
+    """The instruction inside one of agentwrite's prompts (both put it under "Request:")."""
+    m = re.search(r"Request:\n(.*?)\n\n", content, re.S)
     return m.group(1) if m else ""
+
+
+def step_of(content: str) -> str:
+    """"plan" for agentwrite's plan call, "pK" for the call that writes paragraph K."""
+    m = re.search(r"Now write paragraph (\d+) of", content)
+    return f"p{m.group(1)}" if m else "plan"

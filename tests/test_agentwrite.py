@@ -1,7 +1,6 @@
 """agentwrite.py against a scripted chat-completions server on 127.0.0.1."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -10,26 +9,27 @@ import time
 
 import pytest
 
-from agentwrite import AgentConfig, LocalClient, parse_plan, run
-from chat_server import ChatServer, instruction_of
+from agentwrite import PLAN_PROMPT, WRITE_PROMPT, AgentConfig, LocalClient, fill, parse_plan, run
+from chat_server import ChatServer, instruction_of, step_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-SECRET-4242"
 
 
+def is_plan(content):
+    return step_of(content) == "plan"
+
+
 def default_answer(content):
     """Plans of three 30-word paragraphs; paragraph K is 'pK' and 29 more words."""
-    if "break down" in content:
+    if is_plan(content):
         return "Here is the plan:\n\n" + "\n\n".join(
             f"Paragraph {k} - Main Point: part {k} of it - Word Count: 30 words" for k in (1, 2, 3))
-    k = re.search(r"continue writing paragraph (\d+)", content).group(1)
-    return f"p{k} " + "word " * 29
+    return f"{step_of(content)} " + "word " * 29
 
 
 def call_key(call):
-    c = call["content"]
-    step = re.search(r"continue writing paragraph (\d+)", c)
-    return (instruction_of(c), "plan" if "break down" in c else f"p{step.group(1)}")
+    return (instruction_of(call["content"]), step_of(call["content"]))
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_a_full_run_writes_one_record_per_instruction(inputs, tmp_path):
         assert r["paragraph_words"] == [29, 29, 29]  # "p1" is not an English word
     assert len(server.calls) == 3 * 4  # one plan and three paragraphs each
     # each paragraph call saw the plan and the text so far
-    third = next(c for c in server.calls if "continue writing paragraph 3" in c["content"])
+    third = next(c for c in server.calls if step_of(c["content"]) == "p3")
     assert "Paragraph 2 - Main Point: part 2 of it" in third["content"] and "p1 word" in third["content"]
     server.close()
 
@@ -111,7 +111,7 @@ def test_refusals_and_empty_answers_fail_the_item_without_poisoning_the_text(inp
         c = call["content"]
         if "topic 0" in c and "paragraph 2" in c:
             return 200, json.dumps({"choices": [{"message": {"content": "I can't"}, "finish_reason": "content_filter"}]}), {}, 0
-        if "topic 2" in c and "break down" in c:
+        if "topic 2" in c and is_plan(c):
             return 200, json.dumps({"choices": [{"message": {"content": "  "}, "finish_reason": "stop"}]}), {}, 0
     server = ChatServer(default_answer, refuse)
     counts = run(config(server, inputs, tmp_path), log=quiet)
@@ -124,7 +124,7 @@ def test_refusals_and_empty_answers_fail_the_item_without_poisoning_the_text(inp
 
 
 def test_answers_far_shorter_than_planned_are_dropped_and_counted(inputs, tmp_path):
-    short = lambda c: default_answer(c) if "break down" in c else "too short"
+    short = lambda c: default_answer(c) if is_plan(c) else "too short"
     server = ChatServer(short)
     counts = run(config(server, inputs, tmp_path, min_ratio=0.5), log=quiet)
     assert counts["dropped"] == 3 and counts["done"] == 0
@@ -135,7 +135,7 @@ def test_answers_far_shorter_than_planned_are_dropped_and_counted(inputs, tmp_pa
 def test_a_killed_run_reruns_only_unfinished_calls_and_writes_no_duplicate(tmp_path):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"prompt": f"Write 90 words on topic {i}"}) + "\n" for i in range(4)))
-    slow = lambda call: None if "break down" in call["content"] else (  # paragraphs take 0.15 s each
+    slow = lambda call: None if is_plan(call["content"]) else (  # paragraphs take 0.15 s each
         200, json.dumps({"choices": [{"message": {"content": default_answer(call["content"])}}]}), {}, 0.15)
     server = ChatServer(default_answer, slow)
     args = [sys.executable, "agentwrite.py", "--input", str(inputs), "--output", str(tmp_path / "o.jsonl"),
@@ -150,15 +150,15 @@ def test_a_killed_run_reruns_only_unfinished_calls_and_writes_no_duplicate(tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = [json.loads(l) for l in cache_file.read_text().splitlines() if l.endswith("}")]
-    finished = {(r["id"], "plan" if r["kind"] == "plan" else f"p{r['i'] + 1}") for r in before}
+    finished = {(r["key"], "plan" if r["kind"] == "plan" else f"p{r['i'] + 1}") for r in before}
     assert 0 < len(finished) < 4 * 4  # killed in the middle
     first_run_calls = len(server.calls)
     assert subprocess.run(args, cwd=ROOT, capture_output=True).returncode == 0
     second = [call_key(c) for c in server.calls[first_run_calls:]]
     records = [json.loads(l) for l in open(tmp_path / "o.jsonl")]
-    id_of = {r["messages"][0]["content"]: r["id"] for r in records}
+    id_of = {r["messages"][0]["content"]: r["key"] for r in records}
     assert not any((id_of[instr], kind) in finished for instr, kind in second)  # nothing finished was redone
-    assert len(records) == 4 and len({r["id"] for r in records}) == 4 and set(id_of) == {f"Write 90 words on topic {i}" for i in range(4)}
+    assert len(records) == 4 and len({r["key"] for r in records}) == 4 and set(id_of) == {f"Write 90 words on topic {i}" for i in range(4)}
     # a third run has nothing left to do
     calls = len(server.calls)
     assert subprocess.run(args, cwd=ROOT, capture_output=True).returncode == 0 and len(server.calls) == calls
@@ -184,10 +184,154 @@ def test_plans_parse_from_messy_text(text, expected):
     assert [(s["point"], s["words"]) for s in parse_plan(text)] == expected
 
 
+# Plans shaped the way GPT-4o, Claude, Qwen and GLM write them when asked for a plan.
+REAL_PLANS = [
+    ("the requested format", "Paragraph 1 - Main Point: Introduce the history of the Silk Road and why it still matters - Word Count: 400 words\n\n"
+     "Paragraph 2 - Main Point: Trade goods and the cities that grew rich on them - Word Count: 600 words",
+     [("Introduce the history of the Silk Road and why it still matters", 400), ("Trade goods and the cities that grew rich on them", 600)]),
+    ("GPT-4o: a title with the total, an intro line and a Total line",
+     "# Essay Plan: The Future of Urban Transport (5000 words)\n\nHere is a detailed breakdown of the essay:\n\n"
+     "Paragraph 1 - Main Point: Why cities are rethinking transport - Word Count: 1000 words\n"
+     "Paragraph 2 - Main Point: Electric buses and trams - Word Count: 1500 words\n"
+     "Paragraph 3 - Main Point: Cycling infrastructure - Word Count: 1500 words\n"
+     "Paragraph 4 - Main Point: What a 2050 city could look like - Word Count: 1000 words\n\nTotal: 5000 words",
+     [("Why cities are rethinking transport", 1000), ("Electric buses and trams", 1500), ("Cycling infrastructure", 1500),
+      ("What a 2050 city could look like", 1000)]),
+    ("GPT-4o markdown blocks, the count on its own line",
+     "### Paragraph 1\n- **Main Point**: The origins of jazz in New Orleans\n- **Word Count**: 400\n\n"
+     "### Paragraph 2\n- **Main Point**: The swing era and big bands\n- **Word Count**: 600 words\n",
+     [("The origins of jazz in New Orleans", 400), ("The swing era and big bands", 600)]),
+    ("bold labels inside the line",
+     "**Paragraph 1 - Main Point:** Describe the village at dawn **- Word Count:** 300 words\n"
+     "**Paragraph 2 - Main Point:** The stranger arrives **- Word Count:** 700 words",
+     [("Describe the village at dawn", 300), ("The stranger arrives", 700)]),
+    ("Claude: numbered, bold titles, ranges",
+     "Here's how I'd structure the 1,400-word story:\n\n1. **Opening** (300-400 words): Mara finds the letter in the attic.\n"
+     "2. **Rising action** (500-600 words): She travels to the coast to find the sender.\n"
+     "3. **Resolution** (400 words): The sender turns out to be her grandmother.",
+     [("Opening: Mara finds the letter in the attic", 350), ("Rising action: She travels to the coast to find the sender", 550),
+      ("Resolution: The sender turns out to be her grandmother", 400)]),
+    ("Claude: no numbering, approximate counts",
+     "**Introduction** (approximately 500 words) — the problem of sleep debt in teenagers\n\n"
+     "**The science** (approximately 800 words) — circadian rhythms and school start times\n\n"
+     "**What schools can do** (approximately 700 words) — later starts, fewer early exams",
+     [("Introduction — the problem of sleep debt in teenagers", 500),
+      ("The science — circadian rhythms and school start times", 800),
+      ("What schools can do — later starts, fewer early exams", 700)]),
+    ("Qwen: Chinese labels", "段落1 - 主要观点：介绍故宫的建造背景 - 字数要求：800字\n段落2 - 主要观点：故宫的建筑布局 - 字数要求：1200字",
+     [("介绍故宫的建造背景", 800), ("故宫的建筑布局", 1200)]),
+    ("GLM: Chinese numerals and 约", "第一段：介绍长城的历史背景（约500字）\n第二段：长城的修建过程（约800字）\n第三段：长城的文化意义（约700字）",
+     [("介绍长城的历史背景", 500), ("长城的修建过程", 800), ("长城的文化意义", 700)]),
+    ("a markdown table", "| Paragraph | Main Point | Word Count |\n|---|---|---|\n| 1 | How bees find flowers | 400 |\n"
+     "| 2 | The waggle dance | 600 words |\n| 3 | Threats to bee colonies | 500 |",
+     [("How bees find flowers", 400), ("The waggle dance", 600), ("Threats to bee colonies", 500)]),
+    ("a Chinese table", "| 段落 | 主要内容 | 字数 |\n| --- | --- | --- |\n| 第一段 | 背景介绍 | 500字 |\n| 第二段 | 发展现状 | 1000字 |",
+     [("背景介绍", 500), ("发展现状", 1000)]),
+    ("a label with a range", "Paragraph 1 - Main Point: Early life - Word Count: 300-400 words\n"
+     "Paragraph 2 - Main Point: Career - Word Count: 800 to 1,000 words",
+     [("Early life", 350), ("Career", 900)]),
+    ("numbered, parenthesised approximately",
+     "1. Discuss the causes of the French Revolution (approximately 600 words)\n"
+     "2. Describe the Reign of Terror (approximately 900 words)",
+     [("Discuss the causes of the French Revolution", 600), ("Describe the Reign of Terror", 900)]),
+    ("count in the heading, point on the line below",
+     "**Paragraph 1 (800 words)**\n  - Main Point: Why the printing press changed Europe\n"
+     "**Paragraph 2 (1200 words)**\n  - Main Point: Luther, pamphlets and the Reformation",
+     [("Why the printing press changed Europe", 800), ("Luther, pamphlets and the Reformation", 1200)]),
+    ("Chinese, title with total and a 总计 line",
+     "写作计划（共3000字）：\n1. 开篇：描写春节前的家乡 —— 800字\n2. 年夜饭和守岁 —— 1200字\n3. 离家时的感受 —— 1000字\n总计：3000字",
+     [("开篇：描写春节前的家乡", 800), ("年夜饭和守岁", 1200), ("离家时的感受", 1000)]),
+    ("heading with a short name, labelled lines below it",
+     "## Paragraph 1: Introduction\nMain Point: Present the debate over nuclear power\nWord Count: 300\n\n"
+     "## Paragraph 2: The case for\nMain Point: Low emissions and reliable supply\nWord Count: 700",
+     [("Introduction: Present the debate over nuclear power", 300), ("The case for: Low emissions and reliable supply", 700)]),
+    ("unnumbered lines, labels on their own lines",
+     "Introduction: set the scene in the harbour\nWord Count: 300\n\nThe storm: the night the boats were lost\nWord Count: 900",
+     [("Introduction: set the scene in the harbour", 300), ("The storm: the night the boats were lost", 900)]),
+    ("a title line with the total, unnumbered paragraphs",
+     "A Guide to Sourdough (2000 words)\nStarter basics - 500 words\nMixing and folding - 700 words\nBaking and cooling - 800 words",
+     [("Starter basics", 500), ("Mixing and folding", 700), ("Baking and cooling", 800)]),
+    ("Step style with pipes", "Step 1: Explain what inflation is | Word count: 500\nStep 2: Historical episodes of hyperinflation | Word count: 700",
+     [("Explain what inflation is", 500), ("Historical episodes of hyperinflation", 700)]),
+    ("a refusal", "I'm sorry, but I can't help with planning that.", []),
+]
+
+
+@pytest.mark.parametrize("what,text,expected", REAL_PLANS, ids=[p[0] for p in REAL_PLANS])
+def test_plans_parse_the_way_real_models_write_them(what, text, expected):
+    assert [(s["point"], s["words"]) for s in parse_plan(text)] == expected
+
+
+# sentences of the official AgentWrite prompts: facts may carry over, wording may not
+OFFICIAL_WORDING = ["help me break down the following long-form", "excellent writing assistant",
+                    "Please integrate the original writing instruction", "Do not split the subtasks too finely",
+                    "omit open-ended conclusions", "Make sure that each subtask is clear and specific"]
+
+
+def test_the_prompts_are_our_own_words_and_keep_the_methods_facts():
+    for sentence in OFFICIAL_WORDING:
+        assert sentence.lower() not in (PLAN_PROMPT + WRITE_PROMPT).lower()
+    assert "200 and 1,000 words" in PLAN_PROMPT and "one line per paragraph" in PLAN_PROMPT
+    assert "Main Point:" in PLAN_PROMPT and "Word Count:" in PLAN_PROMPT
+    assert "subtitle" in WRITE_PROMPT and "repeat nothing" in WRITE_PROMPT and "last paragraph" in WRITE_PROMPT
+    assert "no heading" not in WRITE_PROMPT  # the method allows a short subtitle
+
+
+def test_markers_inside_user_text_are_not_substituted(inputs, tmp_path):
+    assert fill("A {text} B {step}", text="x {step} y", step="S") == "A x {step} y B S"
+    inputs.write_text(json.dumps({"prompt": "Explain what {text} and {plan} mean in a template, 90 words"}) + "\n")
+    server = ChatServer(default_answer)
+    assert run(config(server, inputs, tmp_path), log=quiet)["done"] == 1
+    writes = [c["content"] for c in server.calls if not is_plan(c["content"])]
+    assert all(instruction_of(c) == "Explain what {text} and {plan} mean in a template, 90 words" for c in writes)
+    assert writes[2].count("p1 word") == 1  # the text so far went in once, where the template asked for it
+    server.close()
+
+
+def test_a_prompt_file_without_the_markers_is_refused(inputs, tmp_path):
+    bad = tmp_path / "write.txt"
+    bad.write_text("Write the next paragraph of {instruction} following {plan}.")
+    with pytest.raises(ValueError, match=r"write.txt: no \{text\} marker"):
+        run(config(ChatServer(default_answer), inputs, tmp_path, write_prompt=str(bad)), log=quiet)
+
+
+def test_the_raw_plan_and_the_users_own_id_are_kept(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write 90 words on topic 0", "id": "user-7"}) + "\n"
+                      + json.dumps({"prompt": "Write 90 words on topic 1"}) + "\n")
+    server = ChatServer(default_answer)
+    run(config(server, inputs, tmp_path), log=quiet)
+    records = {r["messages"][0]["content"]: r for r in map(json.loads, open(tmp_path / "out.jsonl"))}
+    assert records["Write 90 words on topic 0"]["id"] == "user-7"
+    assert records["Write 90 words on topic 1"]["id"] == records["Write 90 words on topic 1"]["key"]
+    raw = default_answer("Request:\nx\n\n")
+    assert all(r["plan_text"] == raw for r in records.values())
+    cached = [json.loads(l) for l in open(tmp_path / "out.jsonl.cache.jsonl")]
+    assert [r["text"] for r in cached if r["kind"] == "plan"] == [raw, raw]
+    server.close()
+
+
+def test_resume_is_keyed_by_the_prompt_not_the_line(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    prompts = [f"Write 90 words on topic {i}" for i in range(4)] + ["Write 90 words on topic 0"]  # one repeat
+    inputs.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    server = ChatServer(default_answer)
+    cfg = config(server, inputs, tmp_path)
+    assert run(cfg, log=quiet)["done"] == 5  # the repeated prompt is answered twice, as asked
+    calls = len(server.calls)
+    inputs.write_text(json.dumps({"prompt": "Write 90 words on a new topic"}) + "\n" + inputs.read_text())
+    counts = run(cfg, log=quiet)
+    assert counts["done"] == 1 and counts["skipped"] == 5
+    assert {instruction_of(c["content"]) for c in server.calls[calls:]} == {"Write 90 words on a new topic"}
+    records = [json.loads(l) for l in open(tmp_path / "out.jsonl")]
+    assert len(records) == 6 and len({r["key"] for r in records}) == 6
+    server.close()
+
+
 def test_plans_with_no_steps_or_too_many_are_rejected(inputs, tmp_path):
     many = "\n".join(f"Paragraph {k} - Main Point: x - Word Count: 10 words" for k in range(1, 52))
     plans = {"topic 0": "I cannot plan this.", "topic 1": many}
-    answer = lambda c: next((p for t, p in plans.items() if t in c and "break down" in c), None) or default_answer(c)
+    answer = lambda c: next((p for t, p in plans.items() if t in c and is_plan(c)), None) or default_answer(c)
     server = ChatServer(answer)
     counts = run(config(server, inputs, tmp_path), log=quiet)
     assert counts["failed"] == 2 and counts["done"] == 1
