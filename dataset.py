@@ -38,16 +38,17 @@ def llama3_chat(messages, bos, eos):
 
 
 def inst_chat(messages, bos, eos):
-    """[INST]...[/INST], the form LongWriter-llama3.1-8b was trained with; a system turn goes in <<SYS>>."""
-    parts, system = [(bos, False)], ""
+    """The form LongWriter-llama3.1-8b was trained with, each piece tokenized alone as in the official
+    pre-tokenization: <BOS> <<SYS>>\n{system}\n<</SYS>>\n\n [INST]{user}[/INST] {assistant} <EOS>.
+    (The official code puts one EOS after the last turn only; we end every assistant turn with one.)"""
+    parts = [(bos, False)]
     for m in messages:
         if m["role"] == "system":
-            system = f"<<SYS>>\n{m['content']}\n<</SYS>>\n\n"
+            parts.append((f"<<SYS>>\n{m['content']}\n<</SYS>>\n\n", False))
         elif m["role"] == "user":
-            parts.append((f"[INST]{system}{m['content']}[/INST]", False))
-            system = ""
+            parts.append((f"[INST]{m['content']}[/INST]", False))
         else:
-            parts.append((m["content"] + eos, True))
+            parts += [(m["content"], True), (eos, True)]
     return parts
 
 
@@ -274,6 +275,20 @@ def parse_dpo(obj) -> tuple[list[dict], str, str]:
     return [{"role": "user", "content": obj["prompt"]}], obj["chosen"], obj["rejected"]
 
 
+ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\ufeff"))  # zero-width space, non-joiner, joiner, BOM
+
+
+def strip_zero_width(conversations: list[list[dict]]) -> int:
+    """Remove zero-width characters from assistant turns in place, as the official pre-tokenization does
+    (they are invisible in the text but cost tokens); returns how many turns had some."""
+    changed = 0
+    for messages in conversations:
+        for m in messages:
+            if m["role"] == "assistant" and (clean := m["content"].translate(ZERO_WIDTH)) != m["content"]:
+                m["content"], changed = clean, changed + 1
+    return changed
+
+
 def read_jsonl(path, parse, skip_bad=False, hint=""):
     """Parsed records of a JSONL file and the number of bad lines skipped. parse(obj) raises DataError
     for a bad record; the error then names the file and line (plus `hint`)."""
@@ -426,7 +441,7 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
     the memory-mapped cache. kind "sft": one unit per conversation; "dpo": chosen and rejected together."""
     if not os.path.isfile(data):
         raise FileNotFoundError(f"{data}: data file not found")
-    settings = json.dumps([kind, max_tokens, mode, truncate, skip_bad, tok.template, 1])  # 1: format version
+    settings = json.dumps([kind, max_tokens, mode, truncate, skip_bad, tok.template, 2])  # 2: format version
     key = file_digest(data, *tokenizer_files(tok))[:16] + "-" + hashlib.sha256(settings.encode()).hexdigest()[:8]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(data)), ".cache")
     path = os.path.join(cache_dir, f"{os.path.basename(data)}-{key}")
@@ -435,17 +450,18 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
         return Packed.load(path)
     if kind == "sft":
         conversations, bad = read_jsonl(data, parse_sft, skip_bad, SKIP_HINT)
-        units = [[c] for c in encode_chats(tok, conversations)]
     else:
         pairs, bad = read_jsonl(data, parse_dpo, skip_bad, SKIP_HINT)
-        encoded = encode_chats(tok, [p + [{"role": "assistant", "content": a}] for p, c, r in pairs for a in (c, r)])
-        units = [encoded[i:i + 2] for i in range(0, len(encoded), 2)]
+        conversations = [p + [{"role": "assistant", "content": a}] for p, c, r in pairs for a in (c, r)]
+    zero_width = strip_zero_width(conversations)
+    encoded = encode_chats(tok, conversations)
+    units = [[c] for c in encoded] if kind == "sft" else [encoded[i:i + 2] for i in range(0, len(encoded), 2)]
     packed, over = pack(units, max_tokens, mode, truncate)
     os.makedirs(cache_dir, exist_ok=True)
     packed.save(path)
     log(f"{data}: {len(units)} records ({bad} bad lines skipped), {over} longer than {max_tokens} tokens "
-        f"{'truncated' if truncate else 'skipped'}; {len(packed)} rows, {len(packed.ids)} tokens, "
-        f"packing efficiency {packed.efficiency():.1%}")
+        f"{'truncated' if truncate else 'skipped'}; zero-width characters removed from {zero_width} answers; "
+        f"{len(packed)} rows, {len(packed.ids)} tokens, packing efficiency {packed.efficiency():.1%}")
     return packed
 
 

@@ -20,13 +20,14 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from xml.sax.saxutils import escape
 
 from agentwrite import APIError, AuthError, ChatClient, JsonlLog
 from dataset import DataError, count_words, read_jsonl
 from model import write_json
 
 DIMENSIONS = ["Relevance", "Accuracy", "Coherence", "Clarity", "Breadth and Depth", "Reading Experience"]
-BUCKETS = [(0, 500), (500, 2000), (2000, 4000), (4000, 20000)]
+BUCKETS = [(0, 500), (500, 2000), (2000, 4000), (4000, math.inf)]  # required length, as in the paper's tables
 
 JUDGE_PROMPT = """You are an expert reviewer of writing. Rate the response below to the user's instruction on six \
 dimensions, each from 1 (very poor) to 5 (excellent). Judge the content only: do not reward or penalize \
@@ -45,8 +46,7 @@ Instruction:
 Response:
 {response}
 
-First explain your judgement briefly, then give the scores as JSON on the last lines, exactly in this form:
-{"Relevance": 4, "Accuracy": 4, "Coherence": 4, "Clarity": 4, "Breadth and Depth": 4, "Reading Experience": 4}"""
+First explain your judgement briefly. Then end with one JSON object that holds a whole number from 1 to 5 for each of these keys: "Relevance", "Accuracy", "Coherence", "Clarity", "Breadth and Depth", "Reading Experience"."""
 
 
 # -----------------------------------------------------------------------------
@@ -65,30 +65,35 @@ def language(prompt: str) -> str:
     return "zh" if re.search(r"[\u4e00-\u9fff]", prompt) else "en"
 
 
+def six_scores(obj) -> dict | None:
+    """The six dimensions of a decoded JSON object (or of an object nested one level inside it)."""
+    if not isinstance(obj, dict):
+        return None
+    by_key = {re.sub(r"[^a-z]", "", str(k).lower()): v for k, v in obj.items()}
+    scores = {}
+    for dim in DIMENSIONS:
+        value = by_key.get(re.sub(r"[^a-z]", "", dim.lower()))
+        m = re.match(r"^\s*([1-5](?:\.\d+)?)\s*(?:/\s*5)?\s*$", str(value)) if value is not None else None
+        if not m:
+            return next(filter(None, (six_scores(v) for v in obj.values() if isinstance(v, dict))), None)
+        scores[dim] = float(m.group(1))
+    return scores
+
+
 def parse_judge(text: str) -> dict | None:
-    """The six scores from a judge's answer: JSON in or out of code fences, with text around it, keys in
-    any case, values like 4, "4" or "4/5". None when a dimension is missing or out of 1..5."""
-    candidates = re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.S) + re.findall(r"\{[^{}]*\}", text)
-    for candidate in reversed(candidates):  # the last block is the verdict; earlier ones may be examples
-        try:
-            obj = json.loads(candidate)
-        except json.JSONDecodeError:
+    """The six scores from a judge's answer: a JSON object anywhere in it (fenced or not, with braces or raw
+    newlines inside its strings, single-quoted), keys in any case, values like 4, "4" or "4/5". Each "{"
+    is tried with a real JSON decoder, the last one first: earlier objects may be examples. None when no
+    object holds all six dimensions in 1..5."""
+    decoder = json.JSONDecoder(strict=False)  # strict=False: control characters inside strings are kept
+    for start in reversed([m.start() for m in re.finditer(r"\{", text)]):
+        for candidate in (text[start:], text[start:].replace("'", '"')):
             try:
-                obj = json.loads(candidate.replace("'", '"'))
+                obj, _ = decoder.raw_decode(candidate)
             except json.JSONDecodeError:
                 continue
-        if not isinstance(obj, dict):
-            continue
-        by_key = {re.sub(r"[^a-z]", "", str(k).lower()): v for k, v in obj.items()}
-        scores = {}
-        for dim in DIMENSIONS:
-            value = by_key.get(re.sub(r"[^a-z]", "", dim.lower()))
-            m = re.match(r"^\s*([1-5](?:\.\d+)?)\s*(?:/\s*5)?\s*$", str(value)) if value is not None else None
-            if not m:
-                break
-            scores[dim] = float(m.group(1))
-        else:
-            return scores
+            if scores := six_scores(obj):
+                return scores
     return None
 
 
@@ -108,6 +113,28 @@ def read_rows(path, fields=("prompt", "length")) -> list[dict]:
         missing = [k for k in fields if not isinstance(row, dict) or k not in row]
         if missing:
             raise DataError(f"missing field {missing[0]!r}")
+        return row
+    return read_jsonl(path, check)[0]
+
+
+def read_preds(path, need_response=False) -> list[dict]:
+    """A prediction file, ours or another tool's: prompt, length and response or response_length. A line
+    without "index" gets its position in the file; one without "response_length" gets count_words(response)."""
+    position = iter(range(1 << 62))
+
+    def check(row):
+        if not isinstance(row, dict):
+            raise DataError("a prediction must be a JSON object")
+        for k in ("prompt", "length"):
+            if k not in row:
+                raise DataError(f"missing field {k!r}")
+        if not isinstance(row["length"], (int, float)) or row["length"] <= 0:
+            raise DataError(f"field 'length' must be a positive number, not {row['length']!r}")
+        row = {"index": next(position), **row}
+        if need_response or "response_length" not in row:
+            if not isinstance(row.get("response"), str):
+                raise DataError("missing field 'response' (or 'response_length')")
+            row["response_length"] = count_words(row["response"])
         return row
     return read_jsonl(path, check)[0]
 
@@ -174,13 +201,37 @@ def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, lo
 # -----------------------------------------------------------------------------
 # quality
 
-def judge_one(client, instruction, response, prompt_template=JUDGE_PROMPT, attempts=3) -> dict:
-    """The six scores of one response; an unreadable verdict is asked again, up to `attempts` times."""
-    prompt = prompt_template.replace("{instruction}", instruction).replace("{response}", response)
+MARKERS = [("{instruction}", "{response}"), ("$INST$", "$RESPONSE$")]  # ours, and the official judge file's
+
+
+def judge_prompt(template: str, instruction: str, response: str) -> str:
+    """The template with the instruction and the response put in, in one pass (so that a response that
+    contains a marker is not filled in again). Either marker style works; a template with neither is refused."""
+    for inst, resp in MARKERS:
+        if inst in template and resp in template:
+            pattern = re.escape(inst) + "|" + re.escape(resp)
+            return re.sub(pattern, lambda m: instruction if m.group(0) == inst else response, template)
+    raise ValueError("the judge prompt needs both {instruction} and {response} markers (or $INST$ and $RESPONSE$)")
+
+
+def read_judge_prompt(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        template = f.read()
+    try:
+        judge_prompt(template, "", "")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return template
+
+
+def judge_one(client, instruction, response, prompt_template=JUDGE_PROMPT, attempts=3, temperature=0.5) -> dict:
+    """The six scores of one response; an unreadable verdict is asked again, up to `attempts` times. The
+    judge samples (0.5, as the official evaluation did), so that a retry is not the same answer again."""
+    prompt = judge_prompt(prompt_template, instruction, response)
     error = "no parseable scores"
     for _ in range(attempts):
         try:
-            scores = parse_judge(client.chat([{"role": "user", "content": prompt}], 2048, 0.0))
+            scores = parse_judge(client.chat([{"role": "user", "content": prompt}], 2048, temperature))
         except AuthError:
             raise
         except APIError as e:
@@ -190,7 +241,8 @@ def judge_one(client, instruction, response, prompt_template=JUDGE_PROMPT, attem
     raise APIError(error)
 
 
-def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=8, attempts=3, log=print) -> dict:
+def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=8, attempts=3, temperature=0.5,
+              log=print) -> dict:
     """index -> six scores, for every prediction the judge scored. Each verdict is appended to
     judged_path as it arrives (resumable); an unreadable verdict is asked again, then recorded as failed."""
     out = JsonlLog(judged_path)
@@ -199,7 +251,7 @@ def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=
 
     def one(p):
         try:
-            scores = judge_one(client, p["prompt"], p["response"], prompt_template, attempts)
+            scores = judge_one(client, p["prompt"], p["response"], prompt_template, attempts, temperature)
         except AuthError:
             raise
         except APIError as e:
@@ -218,13 +270,17 @@ def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=
 # -----------------------------------------------------------------------------
 # report
 
+def bucket_name(lo, hi) -> str:
+    return f"[{lo},{'inf' if hi == math.inf else hi})"
+
+
 def breakdown(preds, judged=None) -> dict:
     """Overall, per required-length bucket, per type and per language."""
     out = {"overall": summary(preds, judged), "length": {}, "type": {}, "language": {}}
     for lo, hi in BUCKETS:
         group = [p for p in preds if lo <= p["length"] < hi]
         if group:
-            out["length"][f"[{lo},{hi})"] = summary(group, judged)
+            out["length"][bucket_name(lo, hi)] = summary(group, judged)
     for key, fn in (("type", lambda p: p.get("type", "?")), ("language", lambda p: language(p["prompt"]))):
         for name in sorted({fn(p) for p in preds}):
             out[key][name] = summary([p for p in preds if fn(p) == name], judged)
@@ -243,64 +299,100 @@ def ruler(preds) -> dict:
     return out
 
 
-def scatter_svg(series: dict, path: str, size=520, pad=60):
-    """Required vs produced length on log-log axes, one colour per prediction file, y = x dashed."""
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """1, 2, 5 x 10^e between lo and hi."""
+    return [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)
+            if lo <= m * 10 ** e <= hi]
+
+
+def scatter_svg(series: dict, path: str, title="Required vs. output length", size=560, pad=70):
+    """Required vs produced length on log-log axes fitted to the data (as the paper's plot), one colour per
+    prediction file, y = x dashed, gridlines at 1-2-5 ticks; empty answers as crosses under the axis."""
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-    values = [v for pts in series.values() for x, y in pts for v in (x, y) if v > 0]
-    lo, hi = math.floor(math.log10(min(values or [10]))), math.ceil(math.log10(max(values or [10])))
-    hi = max(hi, lo + 1)
-    scale = lambda v: pad + (math.log10(max(v, 10 ** lo)) - lo) / (hi - lo) * (size - 2 * pad)
-    px, py = scale, lambda v: size - scale(v)
+    values = [v for pts in series.values() for x, y in pts for v in (x, y) if v > 0] or [10, 1000]
+    lo, hi = math.log10(min(values) / 1.25), math.log10(max(values) * 1.25)
+    span = size - 2 * pad
+    px = lambda v: pad + (math.log10(v) - lo) / (hi - lo) * span
+    py = lambda v: size - px(v)
+    floor = size - pad + 14  # where empty answers sit: below the x axis, off the log scale
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<line x1="{pad}" y1="{size - pad}" x2="{size - pad}" y2="{size - pad}" stroke="black"/>',
-           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{size - pad}" stroke="black"/>',
-           f'<line x1="{px(10 ** lo)}" y1="{py(10 ** lo)}" x2="{px(10 ** hi)}" y2="{py(10 ** hi)}" stroke="grey" '
-           f'stroke-dasharray="5,4"/>']
-    for e in range(lo, hi + 1):
-        svg.append(f'<text x="{px(10 ** e)}" y="{size - pad + 18}" text-anchor="middle">{10 ** e:g}</text>')
-        svg.append(f'<text x="{pad - 8}" y="{py(10 ** e) + 4}" text-anchor="end">{10 ** e:g}</text>')
-    svg.append(f'<text x="{size / 2}" y="{size - 15}" text-anchor="middle">required length (words)</text>')
-    svg.append(f'<text x="15" y="{size / 2}" text-anchor="middle" transform="rotate(-90 15 {size / 2})">'
-               f'output length (words)</text>')
+           f'<text x="{size / 2}" y="{pad / 2}" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    for t in log_ticks(10 ** lo, 10 ** hi):
+        x, y = px(t), py(t)
+        svg += [f'<line x1="{x:.1f}" y1="{pad}" x2="{x:.1f}" y2="{size - pad}" stroke="#e5e5e5"/>',
+                f'<line x1="{pad}" y1="{y:.1f}" x2="{size - pad}" y2="{y:.1f}" stroke="#e5e5e5"/>',
+                f'<line x1="{x:.1f}" y1="{size - pad}" x2="{x:.1f}" y2="{size - pad + 5}" stroke="black"/>',
+                f'<line x1="{pad - 5}" y1="{y:.1f}" x2="{pad}" y2="{y:.1f}" stroke="black"/>',
+                f'<text x="{x:.1f}" y="{size - pad + 30}" text-anchor="middle">{t:,.0f}</text>',
+                f'<text x="{pad - 8}" y="{y + 4:.1f}" text-anchor="end">{t:,.0f}</text>']
+    svg += [f'<line x1="{pad}" y1="{size - pad}" x2="{size - pad}" y2="{size - pad}" stroke="black"/>',
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{size - pad}" stroke="black"/>',
+            f'<line x1="{pad}" y1="{size - pad}" x2="{size - pad}" y2="{pad}" stroke="grey" stroke-dasharray="5,4"/>',
+            f'<text x="{size / 2}" y="{size - 18}" text-anchor="middle">required length (words)</text>',
+            f'<text x="16" y="{size / 2}" text-anchor="middle" transform="rotate(-90 16 {size / 2})">'
+            f'output length (words)</text>']
+    cross = lambda x, y, c, r=4: (f'<path d="M{x - r:.1f},{y - r:.1f}L{x + r:.1f},{y + r:.1f}M{x - r:.1f},{y + r:.1f}'
+                                   f'L{x + r:.1f},{y - r:.1f}" stroke="{c}" stroke-width="1.5"/>')
+    dot = lambda x, y, c, r=3.5: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{c}" fill-opacity="0.6"/>'
+    legend = []  # (marker, colour, text)
     for k, (name, pts) in enumerate(series.items()):
         c = colors[k % len(colors)]
-        svg += [f'<circle cx="{px(x):.1f}" cy="{py(max(y, 10 ** lo)):.1f}" r="3.5" fill="{c}" fill-opacity="0.6"/>'
-                for x, y in pts]
-        svg.append(f'<circle cx="{pad + 15}" cy="{pad + 10 + 18 * k}" r="5" fill="{c}"/>'
-                   f'<text x="{pad + 26}" y="{pad + 14 + 18 * k}">{name}</text>')
+        svg += [dot(px(x), py(y), c) if y > 0 else cross(px(x), floor, c) for x, y in pts]
+        legend.append((dot, c, name))
+    if any(y <= 0 for pts in series.values() for _, y in pts):
+        legend.append((cross, "black", "empty answer (0 words)"))
+    for k, (marker, c, text) in enumerate(legend):
+        x, y = pad + 15, pad + 12 + 18 * k
+        svg.append(f'{marker(x, y, c)}<text x="{x + 11}" y="{y + 4}">{escape(text)}</text>')
     svg.append("</svg>")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(svg))
     os.replace(path + ".tmp", path)
 
 
+def short_names(paths: list[str]) -> list[str]:
+    """Each file's shortest path ending that no other file shares: a/pred.jsonl and b/pred.jsonl, not
+    pred.jsonl twice; a file whose name is unique keeps just its name."""
+    parts = [os.path.abspath(p).split(os.sep) for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = [os.path.join(*p[-d:]) for p, d in zip(parts, depth)]
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            return names
+        for i in clashing:
+            depth[i] += 1
+
+
 def report(pred_paths: list[str], judged_paths: list[str] | None = None, plot: str = "", log=print) -> dict:
-    """One table in the paper's layout per file (S, S_l, S_q overall and per length bucket), by type and
-    language, a side-by-side table for several files, and the scatter plot."""
+    """S, S_l, S_q overall and per required-length bucket (with the count n), one row per file in each, so
+    several files sit side by side; then each file by type and language; and the scatter plot."""
+    if len(set(map(os.path.abspath, pred_paths))) < len(pred_paths):
+        raise ValueError("the same prediction file is named twice")
     results = {}
     for k, path in enumerate(pred_paths):
-        preds = read_rows(path, ("index", "prompt", "length", "response_length"))
+        preds = read_preds(path)
         jp = (judged_paths or [None] * len(pred_paths))[k] or path + ".judged.jsonl"
         judged = {r["index"]: r["scores"] for r in JsonlLog(jp).read() if "scores" in r} if os.path.exists(jp) else None
         results[path] = {"breakdown": breakdown(preds, judged), "points": [(p["length"], p["response_length"]) for p in preds]}
+    names = dict(zip(pred_paths, short_names(pred_paths)))
     metrics = ["S", "S_l", "S_q"] if any("S_q" in r["breakdown"]["overall"] for r in results.values()) else ["S_l"]
-    cols = ["overall"] + [f"[{lo},{hi})" for lo, hi in BUCKETS]
-    header = ["predictions"] + [f"{m} {c}" for c in cols for m in metrics]
     rows = []
-    for path, r in results.items():
-        b = r["breakdown"]
-        cells = [b["overall"]] + [b["length"].get(c, {}) for c in cols[1:]]
-        rows.append([os.path.basename(path)] + [cell.get(m, float("nan")) for cell in cells for m in metrics])
-    log(table(rows, header))
+    for col in ["overall"] + [bucket_name(lo, hi) for lo, hi in BUCKETS]:
+        for path, r in results.items():
+            cell = r["breakdown"]["overall"] if col == "overall" else r["breakdown"]["length"].get(col)
+            if cell:
+                rows.append([col, names[path], cell["n"]] + [cell.get(m, float("nan")) for m in metrics])
+    log(table(rows, ["required length", "predictions", "n"] + metrics))
     for path, r in results.items():
         for key in ("type", "language"):
             group = r["breakdown"][key]
-            log(f"\n{os.path.basename(path)} by {key}")
-            log(table([[name] + [g.get(m, float("nan")) for m in metrics] + [g["n"]] for name, g in group.items()],
-                      [key] + metrics + ["n"]))
+            log(f"\n{names[path]} by {key}")
+            log(table([[name, g["n"]] + [g.get(m, float("nan")) for m in metrics] for name, g in group.items()],
+                      [key, "n"] + metrics))
     if plot:
-        scatter_svg({os.path.basename(p): r["points"] for p, r in results.items()}, plot)
+        scatter_svg({names[p]: r["points"] for p, r in results.items()}, plot)
         log(f"scatter plot: {plot}")
     first = results[pred_paths[0]]["breakdown"]["overall"]
     return {**{m: first[m] for m in ("S_l", "S_q", "S") if m in first},
@@ -319,7 +411,8 @@ class EvalConfig:
     api_key_env: str = "OPENAI_API_KEY"
     output: str = ""            # predict: the prediction file (default: pred.jsonl beside --out)
     judged: str = ""            # quality: the verdict file (default: PRED.judged.jsonl)
-    judge_prompt: str = ""      # a file with {instruction} and {response} markers
+    judge_prompt: str = ""      # a file with {instruction} and {response} (or $INST$ and $RESPONSE$) markers
+    judge_temperature: float = 0.5
     out: str = ""               # scores as JSON
     plot: str = ""              # report: scatter plot (.svg)
     max_new_tokens: int = 32768
@@ -362,21 +455,21 @@ def main():
             result = summary(preds)
             print(f"{len(preds)} predictions -> {output}; S_l {result['S_l']:.1f}")
         elif cfg.command == "length":
-            preds = read_rows(cfg.files[0], ("index", "prompt", "length", "response_length"))
+            preds = read_preds(cfg.files[0])
             result = breakdown(preds)["overall"]
             print(table([[os.path.basename(cfg.files[0]), result["S_l"], result["n"]]], ["predictions", "S_l", "n"]))
         elif cfg.command == "quality":
             if not cfg.model:
                 ap.error("quality needs the judge: --api-base URL --model NAME")
-            preds = read_rows(cfg.files[0], ("index", "prompt", "length", "response", "response_length"))
-            template = open(cfg.judge_prompt, encoding="utf-8").read() if cfg.judge_prompt else JUDGE_PROMPT
+            template = read_judge_prompt(cfg.judge_prompt) if cfg.judge_prompt else JUDGE_PROMPT
+            preds = read_preds(cfg.files[0], need_response=True)
             judged = judge_all(client(cfg.model), preds, cfg.judged or cfg.files[0] + ".judged.jsonl", template,
-                               cfg.workers)
+                               cfg.workers, temperature=cfg.judge_temperature)
             result = summary(preds, judged)
             print(table([[os.path.basename(cfg.files[0]), result["S"], result["S_l"], result["S_q"], result["judged"]]],
                         ["predictions", "S", "S_l", "S_q", "judged"]))
         elif cfg.command == "ruler":
-            preds = read_rows(cfg.files[0], ("index", "prompt", "length", "response_length"))
+            preds = read_preds(cfg.files[0])
             result = {"S_l": summary(preds)["S_l"], "ruler": ruler(preds)}
             rows = [[lang, n, r["mean_length"], r["max_length"], r["n"]] for lang, g in result["ruler"].items()
                     for n, r in g.items()]

@@ -21,7 +21,7 @@ EXPECTED = {
               "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
               "<|start_header_id|>user<|end_header_id|>\n\nWrite 2 words<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\nTwo words.<|eot_id|>",
-    "inst": "<s>[INST]<<SYS>>\nBe brief.\n<</SYS>>\n\nHi there[/INST]Hello!</s>[INST]Write 2 words[/INST]Two words.</s>",
+    "inst": "<s><<SYS>>\nBe brief.\n<</SYS>>\n\n[INST]Hi there[/INST]Hello!</s>[INST]Write 2 words[/INST]Two words.</s>",
     "glm4": "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\nHello!<|endoftext|>"
             "<|user|>\nWrite 2 words<|assistant|>\nTwo words.<|endoftext|>",
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
@@ -222,3 +222,30 @@ def test_dpo_pairs_pack_chosen_and_rejected_side_by_side_in_one_row(tmp_path):
     assert rejected == ["the reef ."] * 3
     assert tok.specials["<unk>"] not in packed.ids
     assert len(chosen) == 3  # the 500-word pair does not fit 40 tokens and is skipped
+
+
+def test_inst_pieces_are_tokenized_alone_like_the_official_pre_tokenization(bpe_dir):
+    tok = Tokenizer(bpe_dir, template="inst")
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}]
+    ids, labels = encode_chat(tok, conv)
+    pieces = ["<<SYS>>\nBe brief.\n<</SYS>>\n\n", "[INST]Hi there[/INST]", "Hello!"]
+    assert ids == [tok.specials["<s>"]] + [i for p in pieces for i in tok.encode(p)] + [tok.specials["</s>"]]
+    assert [t for t in labels if t != -100] == tok.encode("Hello!") + [tok.specials["</s>"]]
+
+
+def test_zero_width_characters_are_removed_from_answers_and_counted(tmp_path):
+    data, tok_dir = write_builtin(str(tmp_path), count=3, max_words=200)
+    records = [json.loads(l) for l in open(data)]
+    clean = records[0]["messages"][1]["content"]
+    records[0]["messages"][1]["content"] = "\ufeff" + clean.replace(" ", " \u200b", 3) + "\u200d"
+    records[1]["messages"][0]["content"] += "\u200b"  # a user turn is left as it is
+    dirty = tmp_path / "dirty.jsonl"
+    dirty.write_text("".join(json.dumps(r) + "\n" for r in records))
+    logs = []
+    packed = load_packed(str(dirty), Tokenizer(tok_dir), max_tokens=4096, mode="sorted", log=logs.append)
+    assert "zero-width characters removed from 1 answers" in logs[0]
+    tok = Tokenizer(tok_dir)
+    answer = tok.encode(" " + clean + "</s>")
+    assert any(np.array_equal(packed.ids[a:b][-len(answer):], answer)
+               for a, b in zip(packed.doc_offsets[:-1], packed.doc_offsets[1:]))

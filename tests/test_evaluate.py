@@ -9,8 +9,8 @@ import torch
 
 from chat_server import ChatServer
 from dataset import build_tokenizer, count_words
-from evaluate import (DIMENSIONS, ChatClient, judge_all, length_score, parse_judge, quality_score, report, ruler,
-                      summary)
+from evaluate import (DIMENSIONS, JUDGE_PROMPT, ChatClient, breakdown, judge_all, judge_prompt, length_score,
+                      parse_judge, quality_score, read_preds, read_rows, report, ruler, summary)
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,11 +99,13 @@ def test_report_numbers_on_a_file_with_known_scores(tmp_path):
     assert out["S_l"] == pytest.approx(s_l) and out["S_q"] == pytest.approx(s_q) and out["S"] == pytest.approx((s_l + s_q) / 2)
     b = out["files"][path]
     assert b["length"]["[0,500)"]["S_l"] == 100 and b["length"]["[500,2000)"]["S_l"] == 50
-    assert b["length"]["[4000,20000)"]["S_l"] == 0 and b["length"]["[4000,20000)"]["judged"] == 0
+    assert b["length"]["[4000,inf)"]["S_l"] == 0 and b["length"]["[4000,inf)"]["judged"] == 0
     assert b["language"]["zh"]["n"] == 1 and b["type"]["B"]["S_l"] == pytest.approx(100 * (1 - 1 / 3) / 2)
-    assert "S_l [2000,4000)" in lines[0] and "66.7" in lines[0]
+    row = next(l for l in lines[0].splitlines() if l.startswith("| [2000,4000)"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:5] == ["1", "33.3", "66.7"]  # n, S = (S_l 66.7 + S_q 0) / 2, S_l
     svg = open(tmp_path / "plot.svg").read()
-    assert svg.startswith("<svg") and svg.count("<circle") == 4 + 1  # four points and one legend mark
+    assert svg.startswith("<svg") and svg.count("<circle") == 3 + 1  # three answers and one legend mark
+    assert svg.count("<path") == 1 + 1  # the empty answer, drawn apart, and its legend mark
 
 
 def test_side_by_side_report_of_two_files(tmp_path):
@@ -112,7 +114,7 @@ def test_side_by_side_report_of_two_files(tmp_path):
     lines = []
     out = report([a, b], log=lines.append)
     table = lines[0].splitlines()
-    assert table[2].startswith("| a.jsonl") and table[3].startswith("| b.jsonl") and "100.0" in table[3]
+    assert "a.jsonl" in table[2] and "b.jsonl" in table[3] and table[3].rstrip(" |").endswith("100.0")
     assert out["files"][b]["overall"]["S_l"] == 100.0
 
 
@@ -165,3 +167,80 @@ def test_a_bad_prediction_file_names_its_line(tmp_path):
     f.write_text(json.dumps({"index": 0, "prompt": "p", "length": 10, "response_length": 3}) + "\n{\"index\": 1}\n")
     run = subprocess.run([sys.executable, "evaluate.py", "length", str(f)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "p.jsonl:2: missing field 'prompt'" in run.stderr and "Traceback" not in run.stderr
+
+
+# -----------------------------------------------------------------------------
+# official formats and files other tools write
+
+ANALYSIS = {"Analysis": "The essay {opens} well.\nIts middle drags; the \"ending\" is rushed.", **FULL}
+
+
+@pytest.mark.parametrize("text", [
+    '{"Analysis": "Line one.\nLine two, a raw newline inside the string.", ' + json.dumps(FULL)[1:],
+    "Here is my verdict: " + json.dumps(ANALYSIS) + " That is all.",
+    "```json\n" + json.dumps({"verdict": FULL, "note": "nested {braces}"}) + "\n```",
+])
+def test_judge_answers_the_official_parser_accepts_are_read(text):
+    assert parse_judge(text) == {k: 4.0 for k in DIMENSIONS}
+
+
+def test_our_judge_prompt_gives_no_scores_a_judge_could_copy():
+    assert parse_judge(JUDGE_PROMPT) is None and not any(ch.isdigit() for ch in JUDGE_PROMPT.split("Then end")[1].replace("1 to 5", ""))
+
+
+def test_judge_prompts_take_either_marker_style_and_refuse_neither(tmp_path):
+    assert judge_prompt("Q: $INST$ A: $RESPONSE$", "inst", "has $INST$ in it") == "Q: inst A: has $INST$ in it"
+    assert judge_prompt("Q: {instruction} A: {response}", "i", "r") == "Q: i A: r"
+    bad = tmp_path / "judge.txt"
+    bad.write_text("Rate this: {response}")
+    preds = preds_file(tmp_path / "p.jsonl", PREDS)
+    run = subprocess.run([sys.executable, "evaluate.py", "quality", preds, "--model", "j", "--judge-prompt", str(bad),
+                          "--api-base", "http://127.0.0.1:9/v1"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "judge.txt: the judge prompt needs both" in run.stderr
+
+
+def test_the_judge_samples_so_that_a_retry_can_differ(tmp_path):
+    server = ChatServer(lambda c: "no scores")
+    client = ChatClient(server.url, "judge", "", timeout=5, max_retries=0)
+    judge_all(client, [{"index": 0, **PREDS[0]}], str(tmp_path / "j.jsonl"), attempts=2, log=lambda s: None)
+    assert [c["body"]["temperature"] for c in server.calls] == [0.5, 0.5]
+    server.close()
+
+
+def test_prediction_files_without_index_or_response_length_are_read(tmp_path):
+    f = tmp_path / "other-tool.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p["prompt"], "type": p["type"], "length": p["length"],
+                                     "response": w}) + "\n" for p, w in zip(PREDS, ["one two", "", "写了五个字", "x y z"])))
+    preds = read_preds(str(f))
+    assert [p["index"] for p in preds] == [0, 1, 2, 3]
+    assert [p["response_length"] for p in preds] == [2, 0, 5, 3]
+    run = subprocess.run([sys.executable, "evaluate.py", "length", str(f)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_the_longest_requests_fall_in_the_last_bucket():
+    preds = [{"index": i, "prompt": "p", "length": n, "response_length": n} for i, n in enumerate([4000, 20000, 30000])]
+    assert breakdown(preds)["length"]["[4000,inf)"]["n"] == 3
+    if os.path.isdir(SHARED):
+        for name, n in (("longbench_write.jsonl", 120), ("longwrite_ruler.jsonl", 48)):
+            rows = [{**r, "index": i, "response_length": 1} for i, r in enumerate(read_rows(os.path.join(SHARED, name)))]
+            assert sum(b["n"] for b in breakdown(rows)["length"].values()) == n
+
+
+def test_reports_tell_same_named_files_apart_and_plots_are_valid_xml(tmp_path):
+    import xml.etree.ElementTree as ET
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = preds_file(tmp_path / "a" / "pred.jsonl", PREDS)
+    b = preds_file(tmp_path / "b" / "pred.jsonl", [{**p, "response_length": p["length"]} for p in PREDS])
+    odd = preds_file(tmp_path / "r&d<v2>.jsonl", PREDS[:3])
+    lines = []
+    out = report([a, b, odd], plot=str(tmp_path / "plot.svg"), log=lines.append)
+    table = lines[0].splitlines()
+    assert any("a/pred.jsonl" in l for l in table) and any("b/pred.jsonl" in l for l in table)
+    assert set(out["files"]) == {a, b, odd} and out["files"][b]["overall"]["S_l"] == 100.0
+    assert table[0].split("|")[3].strip() == "n" and max(len(l) for l in lines[0].splitlines()) < 100
+    svg = ET.fromstring(open(tmp_path / "plot.svg").read())  # a legend of "r&d<v2>.jsonl" must not break it
+    texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert "r&d<v2>.jsonl" in texts and "empty answer (0 words)" in texts and "Required vs. output length" in texts
+    # axes fitted to the data (100 .. 10,000 words): ticks from 100 to 10,000, none at 10 or 100,000
+    assert "100" in texts and "10,000" in texts and "10" not in texts and "100,000" not in texts
