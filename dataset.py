@@ -336,16 +336,21 @@ def pack(units: list[list[tuple[list[int], list[int]]]], max_tokens: int, mode="
     """Place units (a unit = conversations that must share a row: one for SFT, chosen + rejected for DPO).
 
     mode "pack": best-fit decreasing; "sorted": one unit per row, rows sorted by length.
-    A unit longer than a row is skipped and counted, or cut to max_tokens with truncate=True.
-    Returns the rows (see `Packed`) and the number of over-long units (skipped or truncated).
+    A unit longer than a row is skipped and counted, or cut to max_tokens with truncate=True; a cut
+    conversation whose prompt filled the row has nothing left to learn and is dropped.
+    Returns the rows (see `Packed`), the number of over-long units (skipped or truncated) and the
+    number of those dropped for having no target left.
     """
-    kept, over = [], 0
+    kept, over, no_target = [], 0, 0
     for unit in units:
         if sum(len(ids) for ids, _ in unit) > max_tokens:
             over += 1
             if not truncate or len(unit) > 1:  # a DPO pair is never cut
                 continue
             unit = [(unit[0][0][:max_tokens], unit[0][1][:max_tokens])]
+            if all(t == -100 for t in shift_labels(unit[0][1])):
+                no_target += 1
+                continue
         kept.append(unit)
     sizes = [sum(len(ids) for ids, _ in u) for u in kept]
     if mode == "pack":
@@ -366,7 +371,7 @@ def pack(units: list[list[tuple[list[int], list[int]]]], max_tokens: int, mode="
     arrays = {"ids": np.concatenate(ids or empty), "targets": np.concatenate(targets or empty),
               "doc_offsets": np.concatenate([[0], np.cumsum(doc_lens, dtype=np.int64)]),
               "row_docs": np.array(row_docs, dtype=np.int64)}
-    return Packed(arrays, max_tokens), over
+    return Packed(arrays, max_tokens), over, no_target
 
 
 class Packed:
@@ -456,11 +461,11 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
     zero_width = strip_zero_width(conversations)
     encoded = encode_chats(tok, conversations)
     units = [[c] for c in encoded] if kind == "sft" else [encoded[i:i + 2] for i in range(0, len(encoded), 2)]
-    packed, over = pack(units, max_tokens, mode, truncate)
+    packed, over, no_target = pack(units, max_tokens, mode, truncate)
     os.makedirs(cache_dir, exist_ok=True)
     packed.save(path)
     log(f"{data}: {len(units)} records ({bad} bad lines skipped), {over} longer than {max_tokens} tokens "
-        f"{'truncated' if truncate else 'skipped'}; zero-width characters removed from {zero_width} answers; "
+        f"{f'truncated ({no_target} of them dropped: the prompt filled the row)' if truncate else 'skipped'}; zero-width characters removed from {zero_width} answers; "
         f"{len(packed)} rows, {len(packed.ids)} tokens, packing efficiency {packed.efficiency():.1%}")
     return packed
 

@@ -134,7 +134,8 @@ def main():
         out = os.path.join(cfg.out, f"sft-{name}")
         train_sft(TrainConfig(model=config, data=data_file, tokenizer=tok_dir, out=out, max_tokens=max_tokens,
                               batch_rows=4, max_steps=cfg.steps, lr=cfg.lr, warmup=0.05, weight_decay=0.0,
-                              device=cfg.device, seed=cfg.seed, log_every=max(1, cfg.steps // 10), keep=1))
+                              device=cfg.device, seed=cfg.seed, log_every=max(1, cfg.steps // 10), keep=1,
+                              overwrite=True))
         ckpts[name] = os.path.join(out, open(os.path.join(out, "latest")).read().strip())
 
     rows = held_out(lengths, cfg.prompts_per_length, cfg.seed)
@@ -160,7 +161,7 @@ def main():
         train_dpo(DPOConfig(model=ckpts["b"], data=pairs, out=dpo_out, max_tokens=4 * max_tokens,
                             packing="sorted", batch_rows=2, max_steps=cfg.dpo_steps, lr=cfg.lr / 20, beta=0.1, nll_weight=0.1,
                             warmup=0.1, weight_decay=0.0, device=cfg.device, seed=cfg.seed, keep=1,
-                            log_every=max(1, cfg.dpo_steps // 5)))
+                            log_every=max(1, cfg.dpo_steps // 5), overwrite=True))
         ckpts["b+dpo"] = os.path.join(dpo_out, open(os.path.join(dpo_out, "latest")).read().strip())
         stage("5. (b) after DPO answers the same held-out instructions")
         preds["b+dpo"] = evaluate_model(ckpts["b+dpo"], rows, os.path.join(cfg.out, "pred-b+dpo.jsonl"), cfg, cfg.device)

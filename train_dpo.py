@@ -11,10 +11,11 @@ Loss per pair, log-probs summed over the response tokens only (y_w chosen, y_l r
     -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
 averaged over the pairs of the global batch, plus nll_weight x the chosen answers' token-mean NLL.
 Chosen and rejected of a pair sit side by side in one packed row and run in one forward. The
-reference log-probs are computed once before training (out/reference_logps.npy), so only one model is
+reference log-probs are computed once before training (out/reference_logps-KEY.npy), so only one model is
 in memory; --live-reference keeps a frozen copy and computes them every step instead (same loss).
 Training reuses train_sft's loop, sharding, checkpoints and logs.
 """
+import hashlib
 import json
 import os
 import re
@@ -29,8 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agentwrite import APIError, AuthError, ChatClient, JsonlLog, LocalClient, parse_instruction
-from dataset import DataError, builtin_corpus, count_words, read_jsonl, write_builtin
+from dataset import DataError, builtin_corpus, count_words, file_digest, read_jsonl, tokenizer_files, write_builtin
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
+from model import checkpoint_files
 from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, row_logps,
                        run_training)
 
@@ -77,22 +79,43 @@ def sequence_logps(model, rows, device) -> torch.Tensor:
     return torch.zeros(len(lengths), device=device, dtype=logp.dtype).index_add(0, doc, logp)
 
 
+def reference_key(cfg, tokenizer) -> str:
+    """What the reference log-probs depend on: the data, the tokenizer, the starting weights (a checkpoint's
+    files, or a from-scratch config and its seed) and the packing settings."""
+    if os.path.isdir(cfg.model):
+        weights = file_digest(os.path.join(cfg.model, "config.json"), *checkpoint_files(cfg.model))
+    else:
+        weights = [file_digest(cfg.model) if os.path.isfile(cfg.model) else cfg.model, cfg.seed]
+    parts = [file_digest(cfg.data, *tokenizer_files(tokenizer)), tokenizer.template, weights, cfg.max_tokens,
+             cfg.packing, cfg.truncate, cfg.skip_bad]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 @torch.no_grad()
-def reference_logps(cfg, model, packed, rank, world, device) -> np.ndarray:
-    """Every document's log-prob under the initial model, computed once (rows split over ranks) and
-    kept in out/reference_logps.npy, so that a resumed run uses the same reference."""
-    path = os.path.join(cfg.out, "reference_logps.npy")
-    if os.path.exists(path):
-        return np.load(path)
+def reference_logps(cfg, model, tokenizer, packed, rank, world, device) -> np.ndarray:
+    """Every document's log-prob under the initial model, computed once (rows split over ranks) and kept in
+    out/reference_logps-KEY.npy, KEY naming what it depends on: a resumed run reads it back, a run on other
+    data or weights computes its own."""
     n_docs = int(packed.row_docs[-1])
+    path = os.path.join(cfg.out, f"reference_logps-{reference_key(cfg, tokenizer)}.npy")
+    if os.path.exists(path):
+        ref = np.load(path)
+        if len(ref) == n_docs:
+            log0(f"reference log-probs read from {path}")
+            return ref
     out = torch.zeros(n_docs, dtype=torch.float64, device=device)
     model.eval()
-    for r in range(rank, len(packed), world):
-        row = packed.row(r)
+    n_rows = len(packed)
+    for r in range(rank, -(-n_rows // world) * world, world):
+        # a sharded forward needs every rank: past the last row a rank repeats it and drops the result
+        row = packed.row(min(r, n_rows - 1))
         with autocast_for(cfg, device, world):
             lp = sequence_logps(model, [row], device)
-        out[row["first_doc"]:row["first_doc"] + len(lp)] = lp.double()
+        if r < n_rows:
+            out[row["first_doc"]:row["first_doc"] + len(lp)] = lp.double()
     model.train()
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root's parameters gathered after a no-grad forward
+        model.reshard()
     if world > 1:
         dist.all_reduce(out)
     ref = out.cpu().numpy()
@@ -241,7 +264,7 @@ def train(cfg: DPOConfig) -> list[dict]:
                                 getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32)
         ref_model.eval().requires_grad_(False)
     else:
-        ref_logps = reference_logps(cfg, model, packed, rank, world, device)
+        ref_logps = reference_logps(cfg, model, tokenizer, packed, rank, world, device)
     step = lambda *args: dpo_step(*args, ref_logps=ref_logps, ref_model=ref_model)
     log0(f"DPO, beta {cfg.beta}, nll weight {cfg.nll_weight}, {'live' if ref_model else 'cached'} reference")
     return run_training(cfg, model, tokenizer, packed, step, rank, world, device)

@@ -17,17 +17,19 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import load_packed, load_tokenizer, tokenizer_files, write_builtin
-from model import ModelConfig, Transformer, read_config, save_hf
+from dataset import load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
+from model import ModelConfig, Transformer, read_config, save_hf, write_json
 
 
 @dataclass
@@ -46,7 +48,8 @@ class TrainConfig:
     # betas (0.9, 0.95), 4 epochs, bf16, global batch of 8 packs)
     loss_reduction: str = "token"  # token | sequence
     epochs: int = 4
-    max_steps: int = 0          # > 0: stop after this many optimizer steps
+    max_steps: int = 0          # > 0: the run's length in optimizer steps (the schedule spans them)
+    stop_at: int = 0            # > 0: stop (and save) after this step, schedule unchanged; --resume goes on
     batch_rows: int = 8         # global batch, in packed rows
     micro_rows: int = 1         # rows per forward on one rank; accumulation = batch_rows / (micro_rows * ranks)
     lr: float = 1e-5
@@ -63,7 +66,9 @@ class TrainConfig:
     save_every: int = 0         # steps; 0: only at the end
     log_every: int = 1          # print every N steps (out/log.jsonl gets every step)
     keep: int = 2               # checkpoints kept (0: all)
-    resume: bool = False
+    export_dtype: str = "float32"  # dtype of the Hugging Face export in each checkpoint (bfloat16 halves it)
+    resume: bool = False        # continue from out/latest (an error when there is none)
+    overwrite: bool = False     # start afresh in an --out that holds another run's checkpoints, deleting them
     seed: int = 0
     device: str = ""            # default: cuda if available
 
@@ -109,10 +114,11 @@ def model_config(name: str, vocab_size: int) -> tuple[ModelConfig, str | None]:
 
 
 def build_model(cfg: ModelConfig, weights: str | None, seed: int, world: int, device, compute_dtype,
-                checkpointing=False, compile=False):
-    """float32 master weights; with several ranks, FSDP2 shards each block (bf16 compute, fp32 reduce)."""
+                checkpointing=False, compile=False, load=True):
+    """float32 master weights; with several ranks, FSDP2 shards each block (bf16 compute, fp32 reduce).
+    load=False leaves the weights unset, for a resume that reads every rank's shards from the checkpoint."""
     full = None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and load:
         if weights:
             full = Transformer.from_pretrained(weights, torch.float32, "cpu").state_dict()
         else:
@@ -131,23 +137,18 @@ def build_model(cfg: ModelConfig, weights: str | None, seed: int, world: int, de
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         model.to_empty(device=device)
-        set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True,
-                                                                         broadcast_from_rank0=True))
+        if load:
+            set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True,
+                                                                             broadcast_from_rank0=True))
     else:
         model.to_empty(device=device)
         model.tie_weights()
-        model.load_state_dict(full)
+        if load:
+            model.load_state_dict(full)
     if compile:
         for block in model.layers:
             block.mlp.compile()
     return model
-
-
-def full_state_dict(model, optimizer=None):
-    """The whole model (and optimizer) state on rank 0's CPU, gathered from the shards when sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, optimizer or [], options=opts)
 
 
 # -----------------------------------------------------------------------------
@@ -212,42 +213,118 @@ def batch_rows(n_rows: int, step: int, batch: int, seed: int) -> list[int]:
     return order[b * batch:(b + 1) * batch].tolist()
 
 
+def all_finite(model) -> bool:
+    """True when every weight on every rank is finite: a NaN checkpoint is never written."""
+    ok = torch.tensor([all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                           for p in model.parameters())], dtype=torch.int32)
+    if dist.is_initialized():
+        ok = ok.to(next(model.parameters()).device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def step_dirs(out: str) -> list[str]:
+    """The finished checkpoints in out, oldest first."""
+    if not os.path.isdir(out):
+        return []
+    done = [d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d) and os.path.isdir(os.path.join(out, d))]
+    return sorted(done, key=lambda d: int(d.split("_")[1]))
+
+
 def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, tokenizer):
-    """out/step_N/: HF folder (config.json, safetensors, tokenizer files) + trainer_state.pt, written under
-    a temporary name and renamed, then out/latest points at it. Older ones beyond --keep are removed."""
-    model_sd, optim_sd = full_state_dict(model, optimizer)
-    if int(os.environ.get("RANK", "0")) == 0:
-        final = os.path.join(cfg.out, f"step_{step}")
-        tmp = final + ".tmp"
+    """out/step_N/ holds two things:
+      - a Hugging Face folder (config.json, safetensors in --export-dtype, tokenizer files) that
+        transformers and vLLM load; rank 0 gathers the weights for it, not the optimizer;
+      - trainer/: weights and optimizer in float32, each rank writing its own shards
+        (torch.distributed.checkpoint), and trainer_state.json (step, config) to resume from.
+    Written as step_N.tmp and renamed; then out/latest names it, and older checkpoints beyond --keep
+    are removed (only earlier steps: everything in out belongs to this run, see prepare())."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    if not all_finite(model):
+        raise FloatingPointError(f"step {step}: non-finite weights; not saved")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    final = os.path.join(cfg.out, f"step_{step}")
+    tmp = final + ".tmp"
+    if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_hf(model_sd, model.config, tmp)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # this rank's shards
+    with warnings.catch_warnings():  # one process writes the only shard: what DCP's warning is about
+        warnings.filterwarnings("ignore", "torch.distributed is .*single process")
+        dcp.save({"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()},
+                 checkpoint_id=os.path.join(tmp, "trainer"), no_dist=not dist.is_initialized())
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank0:
+        dtype = getattr(torch, cfg.export_dtype)
+        save_hf({k: v.to(dtype) for k, v in full.items()}, model.config, tmp)
         for f in tokenizer_files(tokenizer):
             shutil.copy(f, tmp)
-        torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "rng": torch.get_rng_state()},
-                   os.path.join(tmp, "trainer_state.pt"))
+        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "config": asdict(cfg)})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
         with open(os.path.join(cfg.out, "latest.tmp"), "w") as f:
             f.write(f"step_{step}\n")
         os.replace(os.path.join(cfg.out, "latest.tmp"), os.path.join(cfg.out, "latest"))
-        done = sorted((d for d in os.listdir(cfg.out) if d.startswith("step_") and not d.endswith(".tmp")),
-                      key=lambda d: int(d.split("_")[1]))
-        for old in done[:-cfg.keep] if cfg.keep else []:
+        older = [d for d in step_dirs(cfg.out) if int(d.split("_")[1]) < step]
+        for old in older[:len(older) - (cfg.keep - 1)] if cfg.keep else []:
             shutil.rmtree(os.path.join(cfg.out, old))
     if dist.is_initialized():
         dist.barrier()
 
 
-def load_checkpoint(model, optimizer, path: str, world: int) -> int:
-    """Restore weights, optimizer and step from out/step_N; returns the step to continue from."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
-    model_sd = Transformer.from_pretrained(path, torch.float32, "cpu").state_dict()
-    opts = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=state["optimizer"], options=opts)
+def load_checkpoint(model, optimizer, path: str) -> int:
+    """Restore weights, optimizer and RNG from out/step_N/trainer, each rank reading its own shards;
+    returns the step to continue from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is .*single process")
+        dcp.load(state, checkpoint_id=os.path.join(path, "trainer"), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"])
-    return state["step"]
+    return read_json(os.path.join(path, "trainer_state.json"))["step"]
+
+
+# settings that define what a run computes: a resumed run must have the same ones
+RUN_DEFINING = ("model", "data", "tokenizer", "template", "max_tokens", "packing", "truncate", "skip_bad",
+                "loss_reduction", "epochs", "max_steps", "batch_rows", "lr", "min_lr", "warmup", "weight_decay",
+                "beta1", "beta2", "grad_clip", "seed", "beta", "nll_weight", "live_reference")
+
+
+def check_out_dir(cfg, rank: int):
+    """Before anything is built: --resume needs a checkpoint with the same run-defining settings; a fresh
+    run refuses an --out with another run's checkpoints unless --overwrite, which deletes them."""
+    latest = os.path.join(cfg.out, "latest")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if cfg.resume:
+        if not os.path.isfile(latest):
+            raise ValueError(f"--resume: {cfg.out} has no checkpoint to resume from (no {latest})")
+        path = os.path.join(cfg.out, open(latest).read().strip())
+        saved = read_json(os.path.join(path, "trainer_state.json")).get("config", {})
+        changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in RUN_DEFINING
+                   if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}). They define "
+                             "the schedule, the batches or the data, so the result would be neither run; put them "
+                             "back (--stop-at stops early without changing the schedule) or start afresh with --overwrite")
+        return
+    if step_dirs(cfg.out) or os.path.isfile(latest):
+        if not cfg.overwrite:
+            raise ValueError(f"{cfg.out} already holds checkpoints ({', '.join(step_dirs(cfg.out)) or 'latest'}): "
+                             "--resume to continue that run, --overwrite to delete them and start afresh, or another --out")
+        if rank == 0:
+            for d in step_dirs(cfg.out):
+                shutil.rmtree(os.path.join(cfg.out, d))
+            for f in ("latest", "log.jsonl"):
+                if os.path.exists(os.path.join(cfg.out, f)):
+                    os.remove(os.path.join(cfg.out, f))
 
 
 def flops_per_token(cfg: ModelConfig, mean_doc_len: float) -> float:
@@ -269,6 +346,8 @@ def prepare(cfg, kind="sft", write_default_data=None):
     if cfg.batch_rows % per_step:
         raise ValueError(f"--batch-rows {cfg.batch_rows} is not a multiple of --micro-rows x ranks = {per_step}")
     os.makedirs(cfg.out, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked at --out before rank 0 may clear it
     if not cfg.data:
         data_dir = os.path.join(cfg.out, "data")
         if rank == 0:
@@ -279,6 +358,9 @@ def prepare(cfg, kind="sft", write_default_data=None):
         cfg.tokenizer = cfg.tokenizer or tok_dir
     if not cfg.model:
         raise ValueError("--model is required with --data (a checkpoint folder, a config.json or 'tiny')")
+    check_out_dir(cfg, rank)
+    if dist.is_initialized():
+        dist.barrier()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
     packed = None
     for r in range(world):
@@ -291,7 +373,8 @@ def prepare(cfg, kind="sft", write_default_data=None):
         raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows}")
     mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
     compute_dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
-    model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype, cfg.checkpointing, cfg.compile)
+    model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype, cfg.checkpointing, cfg.compile,
+                        load=not cfg.resume)
     return rank, world, device, tokenizer, packed, model
 
 
@@ -330,11 +413,11 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=on_cuda)
     start, last_good = 0, None
-    latest = os.path.join(cfg.out, "latest")
-    if cfg.resume and os.path.isfile(latest):
-        last_good = os.path.join(cfg.out, open(latest).read().strip())
-        start = load_checkpoint(model, optimizer, last_good, world)
+    if cfg.resume:  # prepare() checked that there is a checkpoint with this run's settings
+        last_good = os.path.join(cfg.out, open(os.path.join(cfg.out, "latest")).read().strip())
+        start = load_checkpoint(model, optimizer, last_good)
         log0(f"resumed from {last_good} at step {start}")
+    end = min(total, cfg.stop_at) if cfg.stop_at else total
     log_path = os.path.join(cfg.out, "log.jsonl")
     if rank == 0 and os.path.exists(log_path):  # keep the lines of the steps that the checkpoint holds
         with open(log_path) as f:
@@ -348,7 +431,7 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
          f"{steps_per_epoch} steps/epoch, {total} steps")
     peak_flops = 989e12 * world  # H100 SXM dense bf16
     records, t_start = [], time.perf_counter()
-    for step in range(start, total):
+    for step in range(start, end):
         t0 = time.perf_counter()
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
@@ -360,6 +443,9 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
                                      f"{last_good or 'none yet'} (untouched)")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):  # one inf gradient would make every weight NaN
+            raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm}; stopping before the update. "
+                                     f"Last good checkpoint: {last_good or 'none yet'} (untouched)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if on_cuda:
@@ -376,16 +462,17 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
             eta = (time.perf_counter() - t_start) / (step + 1 - start) * (total - step - 1)
             extra = "".join(f" | {k} {v:.3f}" for k, v in metrics.items())
             extra += f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_gib']:.1f} GiB" if on_cuda else ""
             print(f"step {step + 1}/{total} | loss {loss_value:.4f}{extra} | lr {lr:.2e} | grad {grad_norm:.2f} | "
                   f"{rec['tokens_per_s']:,.0f} tok/s | eta {eta / 60:.1f} min", flush=True)
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total:
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end:
             save_checkpoint(model, optimizer, step + 1, cfg, tokenizer)
             last_good = os.path.join(cfg.out, f"step_{step + 1}")
-    log0(f"done: {total} steps; checkpoint {last_good}")
+    log0(f"{'done' if end == total else f'stopped at --stop-at {end} (--resume continues)'}: {end} of {total} steps; "
+         f"checkpoint {last_good}")
     return records
 
 

@@ -33,7 +33,7 @@ def main():
         t_tok = time.perf_counter() - t0
         n_tokens = sum(len(ids) for ids, _ in encoded)
         t0 = time.perf_counter()
-        packed, over = dataset.pack([[c] for c in encoded], args.max_tokens)
+        packed, over, _ = dataset.pack([[c] for c in encoded], args.max_tokens)
         packed.save(os.path.join(work, "packed"))
         t_pack = time.perf_counter() - t0
         words = sum(dataset.count_words(r[-1]["content"]) for r in records[:200]) / min(200, len(records))

@@ -125,7 +125,7 @@ def random_convs(n, rng, lo=1, hi=60):
 def test_packing_keeps_conversations_whole_within_rows_and_counts_targets():
     rng = random.Random(0)
     convs = random_convs(300, rng)
-    packed, over = pack([[c] for c in convs], max_tokens=128)
+    packed, over, _ = pack([[c] for c in convs], max_tokens=128)
     assert over == 0
     seen = []
     for r in range(len(packed)):
@@ -148,17 +148,17 @@ def test_packing_efficiency_exceeds_95_percent_on_a_longwriter_mix():
     rng = random.Random(1)
     # tokens ~ 1.3 x words: most answers 2k-10k words, 15% short chat
     lengths = [rng.randint(2600, 13000) if rng.random() < 0.85 else rng.randint(100, 1300) for _ in range(3000)]
-    packed, _ = pack([[([1] * n, [1] * n)] for n in lengths], max_tokens=32768)
+    packed, _, _ = pack([[([1] * n, [1] * n)] for n in lengths], max_tokens=32768)
     assert packed.efficiency() > 0.95
 
 
 def test_over_long_conversations_are_skipped_or_truncated():
     convs = [[([1] * 10, [1] * 10)], [([2] * 50, [2] * 50)], [([3] * 20, [3] * 20)]]
-    packed, over = pack(convs, max_tokens=30)
+    packed, over, _ = pack(convs, max_tokens=30)
     assert over == 1 and sorted(set(packed.ids.tolist())) == [1, 3]
-    packed, over = pack(convs, max_tokens=30, truncate=True)
+    packed, over, _ = pack(convs, max_tokens=30, truncate=True)
     assert over == 1 and (packed.ids == 2).sum() == 30
-    sorted_rows, _ = pack(convs, max_tokens=60, mode="sorted")
+    sorted_rows, _, _ = pack(convs, max_tokens=60, mode="sorted")
     assert [len(sorted_rows.row(r)["ids"]) for r in range(3)] == [10, 20, 50]
 
 
@@ -249,3 +249,13 @@ def test_zero_width_characters_are_removed_from_answers_and_counted(tmp_path):
     answer = tok.encode(" " + clean + "</s>")
     assert any(np.array_equal(packed.ids[a:b][-len(answer):], answer)
                for a, b in zip(packed.doc_offsets[:-1], packed.doc_offsets[1:]))
+
+
+def test_truncated_conversations_with_no_target_left_are_dropped_and_counted():
+    prompt_fills_row = ([1] * 40, [-100] * 35 + [1] * 5)  # cut at 30 tokens: only prompt is left
+    answer_survives = ([2] * 40, [-100] * 10 + [2] * 30)
+    short = ([3] * 10, [-100] * 5 + [3] * 5)
+    packed, over, no_target = pack([[prompt_fills_row], [answer_survives], [short]], max_tokens=30, truncate=True)
+    assert over == 2 and no_target == 1
+    assert (packed.ids == 1).sum() == 0 and (packed.ids == 2).sum() == 30
+    assert all(packed.row(r)["n_targets"] > 0 for r in range(len(packed)))

@@ -1,6 +1,11 @@
 """train_dpo.py: the DPO loss by hand, cached vs live reference, packing, a tiny run, pair building."""
 import json
 import math
+import os
+import subprocess
+import sys
+
+import numpy as np
 
 import pytest
 import torch
@@ -108,3 +113,42 @@ def test_an_instruction_without_a_length_is_named(tmp_path):
     cfg = DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "p.jsonl"))
     with pytest.raises(ValueError, match=r"in.jsonl:1: no \"length\" field"):
         build_pairs(cfg, sampler=Scripted([1]), log=lambda s: None)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_two_ranks_with_an_odd_number_of_rows_match_one_rank_and_save(tmp_path):
+    from test_train_sft import free_port
+    data, tok = builtin_dpo_data(str(tmp_path / "pairs"), seed=0, count=13)  # sorted: 13 rows, one pair each
+    args = ["train_dpo.py", "--model", "tiny", "--data", data, "--tokenizer", tok, "--max-tokens", "1024",
+            "--packing", "sorted", "--batch-rows", "4", "--lr", "3e-3", "--beta", "0.5", "--device", "cpu",
+            "--max-steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=240, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port())] + args + ["--out", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert len(read("two")) == 3
+    for a, b in zip(read("one"), read("two")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wa = Transformer.from_pretrained(tmp_path / "one" / "step_3").state_dict()
+    wb = Transformer.from_pretrained(tmp_path / "two" / "step_3").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)  # embeddings, norm and lm_head updated too
+
+
+def test_the_reference_cache_is_keyed_by_data_and_weights(pairs, tmp_path):
+    first = run(pairs, tmp_path, max_steps=1, seed=0)
+    again = run(pairs, tmp_path, max_steps=1, seed=1, overwrite=True)  # other starting weights, same folder
+    assert first[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and again[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    data, tok = pairs
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(open(data).readlines()[:6]))
+    log = run((str(fewer), tok), tmp_path, max_steps=1, seed=1, batch_rows=2, overwrite=True)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    caches = sorted(f for f in os.listdir(tmp_path) if f.startswith("reference_logps-"))
+    assert len(caches) == 3 and sorted(len(np.load(tmp_path / f)) for f in caches) == [10, 80, 80]  # 2 per pair that fits a row

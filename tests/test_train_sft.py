@@ -13,7 +13,7 @@ import torch
 import train_sft
 from dataset import pack, write_builtin
 from model import ModelConfig, Transformer
-from train_sft import TrainConfig, global_counts, lr_at, micro_batch_loss, train
+from train_sft import TrainConfig, global_counts, lr_at, micro_batch_loss, step_dirs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def reference_loss(model, convs, reduction):
 
 def packed_loss(model, convs, reduction, max_tokens, micro_rows):
     """The training loss over all rows, as train() computes it: micro-batches summed."""
-    packed, _ = pack([[c] for c in convs], max_tokens)
+    packed, _, _ = pack([[c] for c in convs], max_tokens)
     rows = [packed.row(r) for r in range(len(packed))]
     n_tokens, n_convs = global_counts(rows)
     return sum(micro_batch_loss(model, rows[i:i + micro_rows], reduction, n_tokens, n_convs, "cpu")
@@ -183,3 +183,88 @@ def test_missing_or_corrupt_data_gives_a_clear_error(corpus, tmp_path):
         out = subprocess.run([sys.executable, "train_sft.py", "--model", "tiny", "--data", str(data), "--tokenizer", tok,
                               "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+class InfGradient(torch.autograd.Function):
+    """The identity whose gradient is infinite: a finite loss that poisons the update."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_an_inf_gradient_stops_before_the_update_and_no_nan_checkpoint_is_saved(corpus, tmp_path, monkeypatch):
+    real = train_sft.micro_batch_loss
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return InfGradient.apply(loss) if calls["n"] == 9 else loss  # step 3, loss still finite
+    monkeypatch.setattr(train_sft, "micro_batch_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="step 3: gradient norm is (nan|inf).*step_2"):
+        run(corpus, tmp_path, max_steps=5, save_every=2)
+    assert step_dirs(str(tmp_path)) == ["step_2"] and (tmp_path / "latest").read_text().strip() == "step_2"
+    weights = Transformer.from_pretrained(tmp_path / "step_2").state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_fresh_run_refuses_another_runs_checkpoints_unless_told_to_overwrite(corpus, tmp_path):
+    run(corpus, tmp_path, max_steps=6, save_every=3)  # another run: step_3 and step_6
+    with pytest.raises(ValueError, match="already holds checkpoints .*--overwrite"):
+        run(corpus, tmp_path, max_steps=2)
+    run(corpus, tmp_path, max_steps=2, overwrite=True, keep=1)
+    assert step_dirs(str(tmp_path)) == ["step_2"] and (tmp_path / "latest").read_text().strip() == "step_2"
+    assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_with_nothing_to_resume_from_is_an_error(corpus, tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="--resume: .* has no checkpoint to resume from"):
+        run(corpus, tmp_path, resume=True)
+    assert (tmp_path / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # nothing truncated
+
+
+def test_stop_at_keeps_the_schedule_and_resume_refuses_changed_settings(corpus, tmp_path):
+    straight = run(corpus, tmp_path / "straight", max_steps=6)
+    first = run(corpus, tmp_path / "cut", max_steps=6, stop_at=3)
+    assert first == straight[:3] and step_dirs(str(tmp_path / "cut")) == ["step_3"]
+    for changed, message in ((dict(max_steps=8), "--max-steps 6 -> 8"), (dict(lr=1e-3), "--lr 0.003 -> 0.001"),
+                             (dict(batch_rows=2), "--batch-rows 4 -> 2")):
+        with pytest.raises(ValueError, match=message):
+            run(corpus, tmp_path / "cut", **{"max_steps": 6, "resume": True, **changed})
+    assert run(corpus, tmp_path / "cut", max_steps=6, resume=True, log_every=2) == straight[3:]  # bit for bit
+
+
+def torchrun(args, tmp_path, name):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port())] + args + ["--out", str(tmp_path / name)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(l)["loss"] for l in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_killed_and_resumed_equal_the_straight_run_and_export_loads_in_transformers(corpus, tmp_path):
+    data, tok = corpus
+    args = ["train_sft.py", "--model", "tiny", "--data", data, "--tokenizer", tok, "--max-tokens", "512",
+            "--batch-rows", "4", "--lr", "3e-3", "--device", "cpu", "--max-steps", "4", "--save-every", "2"]
+    straight = torchrun(args, tmp_path, "straight")
+    torchrun(args + ["--stop-at", "2"], tmp_path, "cut")
+    (tmp_path / "cut" / "step_2.tmp").mkdir()  # what a kill during the next save leaves: ignored
+    resumed = torchrun(args + ["--resume"], tmp_path, "cut")
+    assert len(straight) == 4 and resumed == straight  # bit for bit
+    shards = os.listdir(tmp_path / "cut" / "step_4" / "trainer")
+    assert sorted(f for f in shards if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+    ours = Transformer.from_pretrained(tmp_path / "cut" / "step_4")
+    theirs = Transformer.from_pretrained(tmp_path / "straight" / "step_4")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "cut" / "step_4")).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
