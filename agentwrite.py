@@ -252,9 +252,10 @@ class ChatClient:
 
 
 class LocalClient:
-    """Our own checkpoint in-process. Calls from many worker threads are gathered into one batch."""
+    """Our own checkpoint in-process, serving calls from many worker threads by continuous batching: a call
+    takes a free row of the running batch at once and is answered as soon as its own answer ends."""
 
-    def __init__(self, checkpoint, device=None, max_batch=8, template=None):
+    def __init__(self, checkpoint, device=None, max_batch=8, template=None, row_len=32768, seed=0):
         import torch
         from dataset import load_tokenizer
         from model import Transformer
@@ -262,34 +263,48 @@ class LocalClient:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.tok = load_tokenizer(checkpoint, template)
         self.model = Transformer.from_pretrained(checkpoint, dtype, device).eval()
-        self.max_batch, self.requests = max_batch, queue.Queue()
+        self.compile = device.startswith("cuda")
+        self.max_batch, self.seed, self.requests = max_batch, seed, queue.Queue()
+        self.row_len = min(row_len, self.model.config.max_position_embeddings)
         threading.Thread(target=self.serve, daemon=True).start()
 
     def chat(self, messages, max_tokens, temperature=0.7) -> str:
+        from dataset import chat_prompt_ids
+        from generate import check_request
+        prompt = chat_prompt_ids(self.tok, messages)
+        try:
+            check_request(self.model, prompt, max_tokens, self.row_len)
+        except ValueError as e:
+            raise APIError(str(e)) from None
         done = Future()
-        self.requests.put((messages, max_tokens, temperature, done))
+        self.requests.put((done, prompt, max_tokens, self.tok.stop_ids, temperature))
         text = done.result()
         if not text.strip():
             raise APIError("empty answer")
         return text
 
     def serve(self):
-        from dataset import chat_prompt_ids
-        from generate import generate
-        while True:
-            batch = [self.requests.get()]
-            time.sleep(0.05)  # let the other workers' calls arrive
-            while len(batch) < self.max_batch and not self.requests.empty():
-                batch.append(self.requests.get())
+        from generate import continuous
+        pending = set()
+
+        def next_request(block):
             try:
-                prompts = [chat_prompt_ids(self.tok, m) for m, _, _, _ in batch]
-                outs = generate(self.model, prompts, max(b[1] for b in batch), self.tok.stop_ids,
-                                temperature=batch[0][2], top_p=0.8, seed=random.randrange(2**31))
-                for (_, max_tokens, _, done), out in zip(batch, outs):
-                    done.set_result(self.tok.decode(out[:max_tokens]))
+                req = self.requests.get(block=block)
+            except queue.Empty:
+                return None
+            pending.add(req[0])
+            return req
+
+        while True:  # a failure fails the calls in flight, then serving goes on
+            try:
+                for done, ids in continuous(self.model, next_request, self.max_batch, self.row_len, top_p=0.8,
+                                            seed=self.seed, compile=self.compile):
+                    pending.discard(done)
+                    done.set_result(self.tok.decode(ids))
             except Exception as e:  # noqa: BLE001 - hand the error to the waiting callers
-                for *_, done in batch:
+                for done in pending:
                     done.set_exception(e)
+                pending.clear()
 
 
 # -----------------------------------------------------------------------------

@@ -160,22 +160,22 @@ def table(rows: list[list], header: list[str]) -> str:
 # predict
 
 def predict_local(model, tok, rows, out_path, max_new_tokens=32768, temperature=0.5, top_p=0.8, batch_size=8,
-                  seed=0, log=print):
-    """Answer every benchmark row with our model, `batch_size` prompts at a time; rows already in
-    out_path are skipped, each finished batch is appended whole."""
+                  seed=0, compile=False, log=print):
+    """Answer every benchmark row with our model by continuous batching over `batch_size` rows. Each answer
+    is appended to out_path as soon as it ends, so a killed run resumes with only the unfinished prompts."""
     from dataset import chat_prompt_ids
-    from generate import generate
+    from generate import generate_many
     out = JsonlLog(out_path)
     done = {p["index"] for p in out.read()}
     todo = [(i, r) for i, r in enumerate(rows) if i not in done]
-    for b in range(0, len(todo), batch_size):
-        batch = todo[b:b + batch_size]
-        prompts = [chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}]) for _, r in batch]
-        answers = generate(model, prompts, max_new_tokens, tok.stop_ids, temperature, top_p=top_p, seed=seed + b)
-        for (i, r), ids in zip(batch, answers):
-            text = tok.decode(ids)
-            out.append({"index": i, **r, "response": text, "response_length": count_words(text)})
-        log(f"predict: {len(done) + b + len(batch)}/{len(rows)}")
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}]) for _, r in todo]
+    answers = generate_many(model, prompts, max_new_tokens, tok.stop_ids, batch_size, temperature, top_p=top_p,
+                            seed=seed, compile=compile) if todo else []
+    for n, (k, ids) in enumerate(answers, 1):
+        i, r = todo[k]
+        text = tok.decode(ids)
+        out.append({"index": i, **r, "response": text, "response_length": count_words(text)})
+        log(f"predict: {len(done) + n}/{len(rows)}")
     return sorted(out.read(), key=lambda p: p["index"])
 
 
@@ -418,7 +418,7 @@ class EvalConfig:
     max_new_tokens: int = 32768
     temperature: float = 0.5
     top_p: float = 0.8
-    batch_size: int = 8
+    batch_size: int = 8         # predict with --checkpoint: rows decoded at once (continuous batching)
     workers: int = 8
     max_retries: int = 5
     timeout: float = 600.0
@@ -447,7 +447,7 @@ def main():
                 model = Transformer.from_pretrained(cfg.checkpoint, torch.bfloat16 if device == "cuda" else torch.float32,
                                                     device).eval()
                 preds = predict_local(model, load_tokenizer(cfg.checkpoint), rows, output, cfg.max_new_tokens,
-                                      cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed)
+                                      cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed, compile=device == "cuda")
             elif cfg.model:
                 preds = predict_api(client(cfg.model), rows, output, cfg.max_new_tokens, cfg.temperature, cfg.workers)
             else:

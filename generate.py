@@ -16,11 +16,14 @@ from dataset import chat_prompt_ids, count_words, load_tokenizer
 from model import Transformer
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Next token per row of logits (B, V). temperature 0 is greedy.
+def sample(logits: torch.Tensor, temperature=1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Next token per row of logits (B, V). temperature 0 is greedy; a tensor (B,) gives each row its own.
 
     Draws argmax(p / E) with E ~ Exponential(1), an exact sample from p that needs no host sync.
     """
+    if isinstance(temperature, torch.Tensor):  # per row: greedy where <= 0, sampled elsewhere
+        sampled = sample(logits / temperature.clamp_min(1e-6)[:, None], 1.0, top_k, top_p)
+        return torch.where(temperature > 0, sampled, logits.argmax(-1))
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -106,6 +109,130 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for layer in model.layers:  # free the cache
         layer.self_attn.cache = None
     return out
+
+
+# -----------------------------------------------------------------------------
+# continuous batching: `slots` rows decode side by side; a row whose answer ends takes the next prompt at
+# once, so one long answer never keeps finished rows idle (as a static batch does).
+
+def decode_rows(model, tokens, pos, slots):
+    """One token per row (B, 1), row b's written at its own slot pos[b] (B,) and seeing slots 0..pos[b]
+    of its row; attention reads the first len(slots) slots of the cache only. Positions are tensors, never
+    Python ints, so with fixed shapes one CUDA graph serves every step."""
+    mask = (slots[None] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    return model(tokens, position_ids=pos[:, None], cache_pos=pos[:, None], mask=mask)[:, -1]
+
+
+def prefill_row(model, caches, row: int, prompt: list[int]) -> torch.Tensor:
+    """Run one prompt alone (B = 1) with each layer's cache swapped for a view of row `row`, so its keys
+    and values land in that row while the other rows keep theirs. Returns its last logits (V,)."""
+    device = model.embed_tokens.weight.device
+    for layer, cache in zip(model.layers, caches):
+        layer.self_attn.cache = cache.row(row)
+    try:
+        pos = torch.arange(len(prompt), device=device)
+        return model(torch.tensor([prompt], device=device), position_ids=pos[None], cache_pos=pos)[0, -1]
+    finally:
+        for layer, cache in zip(model.layers, caches):
+            layer.self_attn.cache = cache
+
+
+def check_request(model, prompt, max_new_tokens, row_len, what="prompt"):
+    """Refuse, before any decoding, what cannot fit a cache row or the model's window."""
+    need = len(prompt) + max_new_tokens
+    if not prompt or max_new_tokens < 1:
+        raise ValueError(f"{what}: needs at least one prompt token and max_new_tokens >= 1")
+    if need > row_len:
+        raise ValueError(f"{what}: {len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} = {need} tokens, "
+                         f"longer than a cache row ({row_len})")
+    window = model.config.sliding_window
+    if window and need > window:
+        raise ValueError(f"{what}: {need} tokens is longer than the model's sliding_window ({window}), "
+                         "which this implementation does not apply")
+
+
+@torch.no_grad()
+def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0, seed=0, compile=False):
+    """The continuous-batching loop. next_request(block) returns the next request
+    (key, prompt ids, max_new_tokens, stop ids, temperature), or None: with block=False when none is waiting
+    now, with block=True when none will come (the loop then ends once every row is done). Yields
+    (key, new tokens without the stop token) as each answer ends. Same requests, seed and slots: same
+    answers. Each step: sample every row (one host sync), hand out finished answers, prefill waiting
+    prompts into free rows, one decode step of fixed shape (slots, 1) for all rows."""
+    device = model.embed_tokens.weight.device
+    torch.manual_seed(seed)
+    model.setup_cache(slots, row_len)
+    caches = [layer.self_attn.cache for layer in model.layers]
+    cache_slots = torch.arange(row_len, device=device)
+    step = decode_rows
+    if compile and device.type == "cuda":
+        step = _compiled.setdefault("rows", torch.compile(decode_rows, mode="reduce-overhead", fullgraph=True))
+    rows = [None] * slots  # per row: [key, prompt length, max_new, stop ids, tokens so far] or None when free
+    temps, host_temps = torch.zeros(slots, device=device), [0.0] * slots
+    logits = torch.zeros(slots, model.config.vocab_size, device=device)
+    exhausted = False
+    try:
+        while True:
+            fresh = {}  # row -> prefill logits of a prompt admitted this step
+            for r in range(slots):
+                while rows[r] is None and not exhausted:
+                    req = next_request(not any(rows) and not fresh)  # block only when there is nothing to decode
+                    if req is None:
+                        exhausted = not any(rows) and not fresh
+                        break
+                    key, prompt, max_new, stops, temperature = req
+                    check_request(model, prompt, max_new, row_len, f"request {key}")
+                    rows[r] = [key, len(prompt), max_new, set(stops), []]
+                    fresh[r] = prefill_row(model, caches, r, prompt)
+                    temps[r] = host_temps[r] = temperature
+            if not any(rows):
+                return
+            if fresh:
+                logits = logits.clone()
+                for r, l in fresh.items():
+                    logits[r] = l
+            greedy = all(rows[r] is None or host_temps[r] <= 0 for r in range(slots))
+            toks = sample(logits, 0.0 if greedy else temps, top_k, top_p)
+            pos = []
+            for r, t in enumerate(toks.tolist()):  # the one host sync per step
+                row = rows[r]
+                if row is None:
+                    pos.append(0)
+                    continue
+                key, n_prompt, max_new, stops, out = row
+                if t not in stops:
+                    out.append(t)
+                if t in stops or len(out) == max_new:
+                    rows[r] = None
+                    yield key, out
+                pos.append(n_prompt + len(out) - 1 if rows[r] is not None else 0)
+            if any(rows):
+                # compiled, attention reads whole rows (one shape, one CUDA graph); eager, the filled part
+                # rounded up to a power of two, so that short answers do not pay for the longest row
+                keys = row_len if compile else min(row_len, 1 << max(pos).bit_length())
+                logits = step(model, toks[:, None], torch.tensor(pos, device=device), cache_slots[:keys])
+    finally:
+        for layer in model.layers:  # free the cache
+            layer.self_attn.cache = None
+
+
+def generate_many(model, prompts: list[list[int]], max_new_tokens, stop_ids=(), slots=8, temperature=0.0, top_k=0,
+                  top_p=1.0, seed=0, compile=False):
+    """Continuous batching over a list of prompts: yields (index, new tokens) in the order answers end.
+    max_new_tokens and stop_ids are one value for all or one per prompt. Every prompt is checked against the
+    row length and the window before decoding starts."""
+    n = len(prompts)
+    max_new = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+    per_prompt_stops = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple, set))
+    stops = list(stop_ids) if per_prompt_stops else [stop_ids] * n
+    if len(max_new) != n or len(stops) != n:
+        raise ValueError("max_new_tokens and stop_ids need one value, or one per prompt")
+    row_len = max(len(p) + m for p, m in zip(prompts, max_new))
+    for i, (p, m) in enumerate(zip(prompts, max_new)):
+        check_request(model, p, m, row_len, f"prompt {i}")
+    waiting = iter([(i, prompts[i], max_new[i], stops[i], temperature) for i in range(n)])
+    yield from continuous(model, lambda block: next(waiting, None), min(slots, n), row_len, top_k, top_p, seed,
+                          compile)
 
 
 class Streamer:

@@ -248,15 +248,30 @@ def sdpa_backends(device: torch.device):
 class KVCache(nn.Module):
     """Preallocated keys and values (B, KVH, S, D), written in place at the given slots."""
 
-    def __init__(self, batch, max_len, n_kv_heads, head_dim, dtype, device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+
+    @classmethod
+    def empty(cls, batch, max_len, n_kv_heads, head_dim, dtype, device) -> "KVCache":
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def row(self, b: int) -> "KVCache":
+        """Row b alone, sharing this cache's memory: a prompt prefilled through it lands in row b."""
+        return KVCache(self.k[b:b + 1], self.v[b:b + 1])
 
     def update(self, slots, k, v):
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        """slots (T,): the same slots in every row; (B, 1): one slot per row (rows at their own positions,
+        as in continuous batching), new k, v of shape (B, KVH, T, D)."""
+        if slots.ndim == 2:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, slots[:, 0]] = k[:, :, 0]  # (B, KVH, D) into row b at slot slots[b]
+            self.v[rows, :, slots[:, 0]] = v[:, :, 0]
+        else:
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
         return self.k, self.v
 
 
@@ -293,6 +308,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, KVH, S, D): the whole cache
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # a narrower mask: only the first keys matter
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         y = attention(q, k, v, doc_bounds, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
@@ -368,14 +385,15 @@ class Transformer(nn.Module):
     def setup_cache(self, batch: int, max_len: int):
         p = self.embed_tokens.weight
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch, max_len, self.config.num_key_value_heads,
+            layer.self_attn.cache = KVCache.empty(batch, max_len, self.config.num_key_value_heads,
                                             self.config.head_dim, p.dtype, p.device)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache_pos=None, mask=None, targets=None):
         """input_ids (B, T) -> logits (B, T, vocab), or with targets (B, T) -> log p(targets) (B, T).
 
         cu_seqlens (n_docs + 1,) marks documents packed in one row (B == 1); position_ids then restart
-        at 0 per document. cache_pos (T,) are the cache slots the new tokens are written to.
+        at 0 per document. cache_pos (T,) are the cache slots the new tokens are written to, or (B, 1) one
+        slot per row when each row decodes at its own position.
         """
         B, T = input_ids.shape
         if position_ids is None:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from agentwrite import APIError, AuthError, ChatClient, JsonlLog, LocalClient, parse_instruction
+from agentwrite import APIError, AuthError, ChatClient, JsonlLog, parse_instruction
 from dataset import DataError, builtin_corpus, count_words, file_digest, read_jsonl, tokenizer_files, write_builtin
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
 from model import checkpoint_files
@@ -55,7 +54,7 @@ class DPOConfig(TrainConfig):
     api_key_env: str = "OPENAI_API_KEY"
     sampler_model: str = ""     # sample through the endpoint with this model instead of --model in-process
     judge_model: str = ""       # score quality too, with this judge at the endpoint
-    workers: int = 4
+    workers: int = 4            # endpoint calls at once, or rows decoded at once with --model in-process
 
 
 BUILTIN = dict(model="tiny", max_tokens=2048, epochs=3, batch_rows=4, lr=3e-4, beta=0.5, warmup=0.05,
@@ -197,14 +196,35 @@ def pick_pair(required: int, answers: list[str], quality: list[float] | None = N
     return answers[best], answers[worst], (scores[best], scores[worst])
 
 
+def sample_local(cfg: DPOConfig, todo: list[tuple], cache: JsonlLog, have: dict, log=print):
+    """Sample (index, k, prompt) requests with cfg.model in-process by continuous batching over cfg.workers rows:
+    the K samples of an instruction are K rows. Requests go in a fixed order and the sampling is seeded, so
+    the same instructions give the same samples run after run; each is cached as it ends."""
+    import torch
+    from dataset import chat_prompt_ids, load_tokenizer
+    from generate import generate_many
+    from model import Transformer
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
+    model = Transformer.from_pretrained(cfg.model, torch.bfloat16 if device == "cuda" else torch.float32, device).eval()
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": prompt}]) for _, _, prompt in todo]
+    for n, (j, ids) in enumerate(generate_many(model, prompts, cfg.max_new_tokens, tok.stop_ids, cfg.workers,
+                                               cfg.temperature, top_p=1.0, seed=cfg.seed, compile=device == "cuda"), 1):
+        index, k, _ = todo[j]
+        have.setdefault(index, {})[k] = tok.decode(ids)
+        cache.append({"index": index, "kind": "sample", "k": k, "text": have[index][k]})
+        log(f"pairs: {n}/{len(todo)} samples")
+
+
 def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
-    """Sample cfg.samples answers per instruction, score them, write DPO JSONL. Every sample and verdict is
-    appended to PAIRS_OUT.samples.jsonl as it arrives, so a rerun redoes only what is missing."""
+    """Sample cfg.samples answers per instruction, score them, write DPO JSONL (in instruction order). Every
+    sample and verdict is appended to PAIRS_OUT.samples.jsonl as it arrives, so a rerun redoes only what is
+    missing. Sampling runs in-process with --model (continuous batching) unless a sampler (an endpoint,
+    --sampler-model) is given; then --workers calls run at once."""
     records, _ = read_jsonl(cfg.build_pairs, parse_pair_instruction)
-    items = [(i, r["prompt"], r["length"]) for i, r in enumerate(records)]
     key = os.environ.get(cfg.api_key_env, "")
-    if sampler is None:
-        sampler = (ChatClient(cfg.api_base, cfg.sampler_model, key) if cfg.sampler_model else LocalClient(cfg.model))
+    if sampler is None and cfg.sampler_model:
+        sampler = ChatClient(cfg.api_base, cfg.sampler_model, key)
     if judge is None and cfg.judge_model:
         judge = ChatClient(cfg.api_base, cfg.judge_model, key)
     out, cache = JsonlLog(cfg.pairs_out), JsonlLog(cfg.pairs_out + ".samples.jsonl")
@@ -215,27 +235,45 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
             samples.setdefault(r["index"], {})[r["k"]] = r["text"]
         elif r.get("kind") == "verdict":
             verdicts.setdefault(r["index"], {})[r["k"]] = r["scores"]
-    counts, lock = {"pairs": 0, "no_pair": 0, "failed": 0}, threading.Lock()
+    items = [(i, r["prompt"], r["length"]) for i, r in enumerate(records) if i not in finished]
+    todo = [(i, k, prompt) for i, prompt, _ in items for k in range(cfg.samples) if k not in samples.get(i, {})]
+    failed = {}  # index -> error
 
-    def one(index, prompt, required):
-        have, judged = samples.setdefault(index, {}), verdicts.setdefault(index, {})
+    def call(index, k, prompt, what):
         try:
-            for k in range(cfg.samples):
-                if k not in have:
-                    have[k] = sampler.chat([{"role": "user", "content": prompt}], cfg.max_new_tokens, cfg.temperature)
-                    cache.append({"index": index, "kind": "sample", "k": k, "text": have[k]})
-                if judge is not None and k not in judged:
-                    judged[k] = judge_one(judge, prompt, have[k], JUDGE_PROMPT)
-                    cache.append({"index": index, "kind": "verdict", "k": k, "scores": judged[k]})
+            if what == "sample":
+                text = sampler.chat([{"role": "user", "content": prompt}], cfg.max_new_tokens, cfg.temperature)
+                samples.setdefault(index, {})[k] = text
+                cache.append({"index": index, "kind": "sample", "k": k, "text": text})
+            else:
+                scores = judge_one(judge, prompt, samples[index][k], JUDGE_PROMPT)
+                verdicts.setdefault(index, {})[k] = scores
+                cache.append({"index": index, "kind": "verdict", "k": k, "scores": scores})
         except AuthError:
             raise
         except APIError as e:
-            log(f"{cfg.build_pairs}: instruction {index}: {e}")
-            with lock:
-                counts["failed"] += 1
-            return
-        answers = [have[k] for k in range(cfg.samples)]
-        quality = [quality_score([judged[k]]) for k in range(cfg.samples)] if judge is not None else None
+            failed[index] = str(e)
+
+    if todo and sampler is None:
+        sample_local(cfg, todo, cache, samples, log)
+    elif todo:
+        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+            for f in [pool.submit(call, i, k, prompt, "sample") for i, k, prompt in todo]:
+                f.result()
+    if judge is not None:
+        unjudged = [(i, k, prompt) for i, prompt, _ in items if i not in failed for k in range(cfg.samples)
+                    if k not in verdicts.get(i, {})]
+        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+            for f in [pool.submit(call, i, k, prompt, "verdict") for i, k, prompt in unjudged]:
+                f.result()
+    counts = {"pairs": 0, "no_pair": 0, "failed": 0}
+    for index, prompt, required in items:
+        if index in failed:
+            log(f"{cfg.build_pairs}: instruction {index}: {failed[index]}")
+            counts["failed"] += 1
+            continue
+        answers = [samples[index][k] for k in range(cfg.samples)]
+        quality = [quality_score([verdicts[index][k]]) for k in range(cfg.samples)] if judge is not None else None
         pair = pick_pair(required, answers, quality)
         if pair is None:
             cache.append({"index": index, "kind": "no_pair"})
@@ -243,13 +281,8 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
             chosen, rejected, (sc, sr) = pair
             out.append({"index": index, "prompt": prompt, "length": required, "chosen": chosen, "rejected": rejected,
                         "chosen_score": sc, "rejected_score": sr})
-        with lock:
-            counts["pairs" if pair else "no_pair"] += 1
-            log(f"pairs: {counts['pairs']} written, {counts['no_pair']} without preference, {counts['failed']} failed")
-
-    with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-        for f in [pool.submit(one, *item) for item in items if item[0] not in finished]:
-            f.result()
+        counts["pairs" if pair else "no_pair"] += 1
+    log(f"pairs: {counts['pairs']} written, {counts['no_pair']} without preference, {counts['failed']} failed")
     return counts
 
 

@@ -1,18 +1,22 @@
-"""Batch-1 decoding speed: ours (static cache, CUDA graph) next to transformers' generate, random weights.
+"""Decoding speed, random weights: batch-1 (ours with a static cache and CUDA graph, next to transformers'
+generate), and many prompts of LongBench-Write's spread of lengths, static batches vs continuous batching.
 
 Usage (H100):  python bench/bench_generate.py                      # Llama-3.1-8B shape, bf16
        (CPU):  python bench/bench_generate.py --shape tiny --device cpu --dtype float32 --new-tokens 64
-Prints one table: tokens/s after a 1,000-token prompt, and at 16k / 32k tokens of context.
+Prints one table: tokens/s after a 1,000-token prompt, at 16k / 32k tokens of context, and the aggregate
+tokens/s and wall time of the many-prompt case (the same prompts, order and slots for both ways).
 """
 import argparse
+import json
 import os
+import random
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate import generate  # noqa: E402
+from generate import generate, generate_many  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
@@ -74,6 +78,45 @@ def hf_rate(cfg: ModelConfig, dtype, device, prompt_len, new_tokens, static, ski
     return decode_rate(clock.stamps[1:], skip)  # the first put is the prompt
 
 
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+                     "longbench-write", "longbench_write.jsonl")
+
+
+def answer_lengths(n, longest, seed=0, path=BENCH):
+    """n answer lengths in tokens with LongBench-Write's spread: its required lengths x 1.3 tokens per word,
+    scaled down together so that the longest is `longest` tokens (a cap would flatten the spread), in a
+    seeded shuffled order (a model's answer lengths are not known in advance). Without the benchmark file,
+    log-uniform 100..10,000 words stands in for it. Returns (lengths, where they came from)."""
+    rng = random.Random(seed)
+    if os.path.isfile(path):
+        words, source = [json.loads(line)["length"] for line in open(path) if line.strip()], "LongBench-Write"
+    else:
+        words, source = [int(10 ** rng.uniform(2, 4)) for _ in range(120)], "log-uniform 100-10,000 words"
+    words = [rng.choice(words) for _ in range(n)]
+    scale = min(1.0, longest / (1.3 * max(words)))
+    return [max(1, round(1.3 * w * scale)) for w in words], source
+
+
+def many_prompts(model, lengths, slots, prompt_len, compile):
+    """(static seconds, continuous seconds): the prompts decoded by static batches of `slots` (each runs
+    until its longest answer ends, what evaluate.py predict did) and by continuous batching with `slots` rows."""
+    prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist() for _ in lengths]
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    generate(model, prompts[:slots], 8, compile=compile)  # warm-up: compile and capture both paths
+    list(generate_many(model, prompts[:slots], 8, slots=slots, compile=compile))
+    sync()
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), slots):
+        generate(model, prompts[i:i + slots], max(lengths[i:i + slots]), compile=compile)
+    sync()
+    static = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in generate_many(model, prompts, lengths, slots=slots, compile=compile):
+        pass
+    sync()
+    return static, time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3.1-8b", choices=SHAPES)
@@ -85,6 +128,10 @@ def main():
     ap.add_argument("--context-new-tokens", type=int, default=256)
     ap.add_argument("--hf-new-tokens", type=int, default=512, help="transformers is slow: fewer tokens")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' rates")
+    ap.add_argument("--prompts", type=int, default=64, help="many-prompt case: prompts (0: skip it)")
+    ap.add_argument("--slots", type=int, default=32, help="many-prompt case: rows decoded at once")
+    ap.add_argument("--max-answer", type=int, default=4096, help="many-prompt case: the longest answer, tokens")
+    ap.add_argument("--many-prompt-len", type=int, default=128)
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     compile = device.type == "cuda"
@@ -95,24 +142,33 @@ def main():
     model.to(dtype).to_empty(device=device)
     model.init_weights()
     model.eval()
-    rows = [("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile))]
+    rows = [("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile),
+             None)]
     for ctx in args.contexts:
         rate = ours_rate(model, ctx - args.context_new_tokens, args.context_new_tokens, compile)
-        rows.append(("ours", f"{ctx - args.context_new_tokens}+{args.context_new_tokens}", rate))
+        rows.append(("ours", f"{ctx - args.context_new_tokens}+{args.context_new_tokens}", rate, None))
+    source = ""
+    if args.prompts:
+        lengths, source = answer_lengths(args.prompts, args.max_answer)
+        static, cont = many_prompts(model, lengths, args.slots, args.many_prompt_len, compile)
+        what = f"{args.prompts} x {args.many_prompt_len}+~{sum(lengths) // len(lengths)}"
+        rows += [(f"ours, static batches of {args.slots}", what, sum(lengths) / static, static),
+                 (f"ours, continuous, {args.slots} slots", what, sum(lengths) / cont, cont)]
     if not args.no_hf:
         del model
         n = args.hf_new_tokens
         rows.append(("transformers dynamic cache", f"{args.prompt_len}+{n}",
-                     hf_rate(cfg, dtype, device, args.prompt_len, n, static=False)))
+                     hf_rate(cfg, dtype, device, args.prompt_len, n, static=False), None))
         if compile:
             rows.append(("transformers static+compile", f"{args.prompt_len}+{n}",
-                         hf_rate(cfg, dtype, device, args.prompt_len, n, static=True)))
+                         hf_rate(cfg, dtype, device, args.prompt_len, n, static=True), None))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\nbatch-1 decoding, {args.shape} shape, {args.dtype}, {name}, torch {torch.__version__}")
-    print(f"| {'implementation':<28} | {'prompt+new tokens':>17} | {'tokens/s':>9} |")
-    print(f"| {'-' * 28} | {'-' * 17} | {'-' * 9} |")
-    for impl, what, rate in rows:
-        print(f"| {impl:<28} | {what:>17} | {rate:>9.1f} |")
+    print(f"\ndecoding, {args.shape} shape, {args.dtype}, {name}, torch {torch.__version__}; many-prompt answer "
+          f"lengths: {source or 'not run'}, scaled to at most {args.max_answer} tokens")
+    print(f"| {'implementation':<30} | {'prompt+new tokens':>20} | {'tokens/s':>9} | {'wall s':>7} |")
+    print(f"| {'-' * 30} | {'-' * 20} | {'-' * 9} | {'-' * 7} |")
+    for impl, what, rate, wall in rows:
+        print(f"| {impl:<30} | {what:>20} | {rate:>9.1f} | {'' if wall is None else f'{wall:.1f}':>7} |")
 
 
 if __name__ == "__main__":

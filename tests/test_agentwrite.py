@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agentwrite import PLAN_PROMPT, WRITE_PROMPT, AgentConfig, LocalClient, fill, parse_plan, run
+from agentwrite import PLAN_PROMPT, WRITE_PROMPT, AgentConfig, APIError, LocalClient, fill, parse_plan, run
 from chat_server import ChatServer, instruction_of, step_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -340,10 +340,9 @@ def test_plans_with_no_steps_or_too_many_are_rejected(inputs, tmp_path):
     server.close()
 
 
-def test_local_backend_batches_calls_from_several_workers(tmp_path):
+def tiny_checkpoint(tmp_path):
     import torch
-    from dataset import build_tokenizer, chat_prompt_ids, load_tokenizer
-    from generate import generate
+    from dataset import build_tokenizer, load_tokenizer
     from model import ModelConfig, Transformer
     build_tokenizer(str(tmp_path), ["write about the sea and the ships"])
     tok = load_tokenizer(str(tmp_path))
@@ -351,6 +350,29 @@ def test_local_backend_batches_calls_from_several_workers(tmp_path):
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     model.save_pretrained(tmp_path)
+    return tok, model
+
+
+def test_a_local_call_joins_the_running_batch_instead_of_waiting_for_it(tmp_path):
+    tiny_checkpoint(tmp_path)
+    client = LocalClient(str(tmp_path), device="cpu", max_batch=2, row_len=4096)
+    client.tok.stop_ids = []  # an untrained model may stop at once: here every answer runs to its limit
+    ended = []
+    long_call = threading.Thread(target=lambda: ended.append(("long", client.chat(
+        [{"role": "user", "content": "write about the sea"}], 3000, temperature=1.0))))
+    long_call.start()
+    time.sleep(0.5)  # the long answer is being decoded
+    ended.append(("short", client.chat([{"role": "user", "content": "the ships"}], 5, temperature=1.0)))
+    long_call.join()
+    assert [name for name, _ in ended] == ["short", "long"] and len(ended[1][1].split()) > 2000  # (special tokens decode to nothing)
+    with pytest.raises(APIError, match="longer than a cache row"):
+        client.chat([{"role": "user", "content": "the sea"}], 5000)
+
+
+def test_local_backend_batches_calls_from_several_workers(tmp_path):
+    from dataset import chat_prompt_ids
+    from generate import generate
+    tok, model = tiny_checkpoint(tmp_path)
     client = LocalClient(str(tmp_path), device="cpu")
     prompts = [[{"role": "user", "content": c}] for c in ("write about the sea", "the ships", "write the")]
     answers = [None] * 3

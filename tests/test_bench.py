@@ -19,7 +19,9 @@ def table_rows(cmd):
 
 @pytest.mark.parametrize("cmd, expected", [
     (["bench/bench_generate.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--new-tokens", "48",
-      "--contexts", "256", "--context-new-tokens", "40", "--hf-new-tokens", "48"], ["ours", "ours", "transformers dynamic cache"]),
+      "--contexts", "256", "--context-new-tokens", "40", "--hf-new-tokens", "48", "--prompts", "12", "--slots", "4",
+      "--max-answer", "64", "--many-prompt-len", "16"],
+     ["ours", "ours", "ours, static batches of 4", "ours, continuous, 4 slots", "transformers dynamic cache"]),
     (["bench/bench_train.py", "--shape", "tiny", "--device", "cpu", "--lengths", "256", "--hf-lengths", "256"],
      ["ours, one document", "ours, five packed docs", "ours, one document, ckpt", "ours, five packed docs, ckpt",
       "transformers"]),

@@ -244,3 +244,33 @@ def test_reports_tell_same_named_files_apart_and_plots_are_valid_xml(tmp_path):
     assert "r&d<v2>.jsonl" in texts and "empty answer (0 words)" in texts and "Required vs. output length" in texts
     # axes fitted to the data (100 .. 10,000 words): ticks from 100 to 10,000, none at 10 or 100,000
     assert "100" in texts and "10,000" in texts and "10" not in texts and "100,000" not in texts
+
+
+def test_predict_killed_mid_run_and_rerun_answers_every_prompt_once(tmp_path):
+    import signal
+    import time
+    build_tokenizer(str(tmp_path / "ckpt"), ["write a word essay about the sea ."])
+    from dataset import load_tokenizer
+    tok = load_tokenizer(str(tmp_path / "ckpt"))
+    torch.manual_seed(0)
+    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(tmp_path / "ckpt")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "type": "T", "length": n})
+                             + "\n" for n in range(100, 1300, 100)))
+    pred = tmp_path / "pred.jsonl"
+    cmd = [sys.executable, "evaluate.py", "predict", str(bench), "--checkpoint", str(tmp_path / "ckpt"), "--output",
+           str(pred), "--max-new-tokens", "600", "--batch-size", "3", "--temperature", "1.0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (pred.exists() and pred.read_text().count("\n") >= 2):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pred.read_text()
+    first = [json.loads(l)["index"] for l in before.splitlines() if l.endswith("}")]
+    assert 2 <= len(first) < 12  # killed in the middle, each answer written as it ended
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+    after = [json.loads(l) for l in pred.read_text().splitlines()]
+    assert sorted(p["index"] for p in after) == list(range(12))  # none twice, none lost
+    assert [p["index"] for p in after[:len(first)]] == first  # what the killed run wrote is kept as it was

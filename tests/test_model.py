@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from dataset import build_tokenizer
-from generate import generate, sample
+from generate import generate, generate_many, sample
 from hf_models import BASE, CASES, make_hf_model, save_hf_model
 from model import ModelConfig, Transformer, token_logprobs
 
@@ -267,3 +267,79 @@ def test_positions_past_a_sliding_window_are_refused_not_silently_wrong(checkpoi
             model(torch.randint(0, BASE["vocab_size"], (1, 17)))
         with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 18 .* sliding_window \(16\)"):
             generate(model, [[3, 4, 5]], max_new_tokens=15)
+
+
+# -----------------------------------------------------------------------------
+# continuous batching
+
+def free_runs(model, prompts, n):
+    return [generate(model, [p], max_new_tokens=n, temperature=0)[0] for p in prompts]
+
+
+def test_continuous_greedy_answers_equal_batch_1_generate_token_for_token(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["qwen2"][0]).eval()
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, BASE["vocab_size"], (n,)).tolist() for n in (4, 13, 7, 3, 10, 6, 9)]
+    free = free_runs(model, prompts, 30)
+    # each prompt stops at its own step: a stop id taken from its own free run (or never, for the last two)
+    stops = [[f[k]] for f, k in zip(free[:5], (3, 20, 9, 1, 14))] + [[9999], [9999]]
+    limits = [30, 30, 30, 30, 30, 12, 30]
+    alone = [generate(model, [p], max_new_tokens=m, stop_ids=s, temperature=0)[0]
+             for p, m, s in zip(prompts, limits, stops)]
+    assert len({len(a) for a in alone}) >= 5  # answers of many lengths
+    order = []
+    got = {}
+    for i, toks in generate_many(model, prompts, limits, stops, slots=3):
+        order.append(i)
+        got[i] = toks
+    assert [got[i] for i in range(len(prompts))] == alone
+    assert order != sorted(order)  # handed out as they end, not in input order
+
+
+def test_freed_rows_are_reused_and_per_prompt_limits_hold(checkpoints, monkeypatch):
+    import generate as gen
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(7)]
+    limits = [3, 9, 1, 5, 7, 2, 4]
+    rows_used = []
+    real = gen.prefill_row
+    monkeypatch.setattr(gen, "prefill_row", lambda m, c, row, p: rows_used.append(row) or real(m, c, row, p))
+    got = dict(generate_many(model, prompts, limits, stop_ids=[9999], slots=2))
+    assert sorted(got) == list(range(7)) and [len(got[i]) for i in range(7)] == limits
+    assert sorted(rows_used) == [0, 0, 0, 0, 1, 1, 1] or sorted(rows_used) == [0, 0, 0, 1, 1, 1, 1]
+    assert got == {i: free_runs(model, [p], m)[0] for i, (p, m) in enumerate(zip(prompts, limits))}
+
+
+def test_continuous_sampling_is_reproducible_for_the_same_seed_and_slots(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    run = lambda seed: dict(generate_many(model, prompts, 20, slots=2, temperature=1.0, seed=seed))
+    assert run(0) == run(0) and run(0) != run(1)
+
+
+def test_a_request_that_cannot_fit_is_refused_before_any_decoding(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["mistral"][0]).eval()
+    model.config.sliding_window = 16
+    answers = generate_many(model, [[3, 4], [3, 4, 5]], [5, 15], slots=2)
+    with pytest.raises(ValueError, match=r"prompt 1: 18 tokens is longer than the model's sliding_window \(16\)"):
+        next(answers)
+    assert model.layers[0].self_attn.cache is None  # nothing was allocated or decoded
+
+
+@pytest.mark.parametrize("name", ["llama3", "glm"])
+def test_continuous_decode_step_compiles_to_one_graph_reused_at_every_step(checkpoints, name, monkeypatch):
+    import generate as gen
+    model = Transformer.from_pretrained(checkpoints[name][0]).eval()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    prompts = [torch.randint(3, BASE["vocab_size"], (n,)).tolist() for n in (6, 9, 4, 11)]
+    eager = dict(generate_many(model, prompts, [8, 20, 5, 14], slots=2))  # attention over the filled part only
+    monkeypatch.setattr(gen, "decode_rows", torch.compile(gen.decode_rows, backend=counting_backend, fullgraph=True))
+    compiled = dict(generate_many(model, prompts, [8, 20, 5, 14], slots=2, compile=True))  # whole rows on CPU too
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    assert compiled == eager

@@ -152,3 +152,28 @@ def test_the_reference_cache_is_keyed_by_data_and_weights(pairs, tmp_path):
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     caches = sorted(f for f in os.listdir(tmp_path) if f.startswith("reference_logps-"))
     assert len(caches) == 3 and sorted(len(np.load(tmp_path / f)) for f in caches) == [10, 80, 80]  # 2 per pair that fits a row
+
+
+def test_local_pair_sampling_is_the_same_run_after_run(tmp_path):
+    from dataset import write_builtin
+    data, tok_dir = write_builtin(str(tmp_path / "data"), count=4, max_words=200)
+    tok = Tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    model.save_pretrained(tmp_path / "ckpt")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (tmp_path / "ckpt" / f).write_bytes((tmp_path / "data" / f).read_bytes())
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the ocean .", "length": n}) + "\n"
+                              for n in (100, 200, 300)))
+    samples = []
+    for name in ("a", "b"):
+        cfg = DPOConfig(model=str(tmp_path / "ckpt"), build_pairs=str(inputs), pairs_out=str(tmp_path / f"{name}.jsonl"),
+                        samples=3, max_new_tokens=40, temperature=1.0, workers=4, device="cpu")
+        counts = build_pairs(cfg, log=lambda s: None)
+        assert counts["pairs"] + counts["no_pair"] == 3
+        cache = [json.loads(l) for l in open(tmp_path / f"{name}.jsonl.samples.jsonl") if '"sample"' in l]
+        samples.append({(r["index"], r["k"]): r["text"] for r in cache})
+    assert len(samples[0]) == 9 and samples[0] == samples[1]
+    assert len(set(samples[0].values())) > 1  # sampled, not one answer repeated
