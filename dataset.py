@@ -473,10 +473,12 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
 
 # -----------------------------------------------------------------------------
 # built-in corpus: long-writing SFT data shaped like AgentWrite output, cheap enough for a 2-core CPU.
-# An instruction asks for N words (N a multiple of 100, one token); the answer is N/100 sections, each
-# headed "## i*100 of N" (the plan step's running word budget) and about 100 words long, then </s>.
-# Knowing when to stop is then copying and comparing numbers, which a tiny model can learn, so its
-# output length is limited by what it saw in training: the effect LongWriter is about.
+# An instruction asks for N words (N a multiple of 100, one token); the answer is N/100 sections of about
+# 100 words, each headed "## R left" with R the words still to write once the section is done (N-100,
+# N-200, ..., 0: the plan's word budget counting down), then </s>. Every heading's number is the last
+# number before it minus 100 (the prompt's N for the first), and the answer ends after "## 0 left": a
+# rule a tiny model can learn, but only for the numbers it has seen. Its output length is then limited
+# by what it saw in training, the effect LongWriter is about.
 
 TOPICS = [
     ("the ocean", "whale reef tide current shell coral", "deep blue cold calm", "drifts hides feeds rises"),
@@ -500,14 +502,14 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"]
 def builtin_answer(n_words: int, topic, rng) -> str:
     _, nouns, adjs, verbs = (t.split() if i else t for i, t in enumerate(topic))
     sections = []
-    for i in range(1, max(1, n_words // 100) + 1):
-        body, words = [], 1  # "of" in the heading counts one word
+    for i in range(max(1, n_words // 100)):
+        body, words = [], 1  # "left" in the heading counts one word
         while words < 100:
             s = rng.choice(SENTENCES).format(a=rng.choice(adjs), n=rng.choice(nouns), n2=rng.choice(nouns),
                                              v=rng.choice(verbs), v2=rng.choice(verbs))
             body.append(s)
             words += count_words(s)
-        sections.append(f"## {i * 100} of {n_words}\n" + " ".join(body))
+        sections.append(f"## {n_words - 100 * (i + 1)} left\n" + " ".join(body))
     return "\n\n".join(sections)
 
 
@@ -531,7 +533,7 @@ def build_tokenizer(path, texts, max_number=10000):
     os.makedirs(path, exist_ok=True)
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()  # no decoder: decode joins words with spaces
-    numbers = " ".join(str(n) for n in range(100, max_number + 1, 100))
+    numbers = " ".join(str(n) for n in range(0, max_number + 1, 100))
     trainer = tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIALS, min_frequency=1)
     tok.train_from_iterator(list(texts) + [numbers], trainer)
     tok.save(os.path.join(path, "tokenizer.json"))

@@ -161,14 +161,17 @@ def table(rows: list[list], header: list[str]) -> str:
 
 def predict_local(model, tok, rows, out_path, max_new_tokens=32768, temperature=0.5, top_p=0.8, batch_size=8,
                   seed=0, compile=False, log=print):
-    """Answer every benchmark row with our model by continuous batching over `batch_size` rows. Each answer
-    is appended to out_path as soon as it ends, so a killed run resumes with only the unfinished prompts."""
+    """Answer every benchmark row with our model by continuous batching over `batch_size` rows (max_new_tokens:
+    one for all, or one per row). Each answer is appended to out_path as soon as it ends, so a killed run
+    resumes with only the unfinished prompts."""
     from dataset import chat_prompt_ids
     from generate import generate_many
     out = JsonlLog(out_path)
     done = {p["index"] for p in out.read()}
     todo = [(i, r) for i, r in enumerate(rows) if i not in done]
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}]) for _, r in todo]
+    if isinstance(max_new_tokens, (list, tuple)):  # one limit per row
+        max_new_tokens = [max_new_tokens[i] for i, _ in todo]
     answers = generate_many(model, prompts, max_new_tokens, tok.stop_ids, batch_size, temperature, top_p=top_p,
                             seed=seed, compile=compile) if todo else []
     for n, (k, ids) in enumerate(answers, 1):

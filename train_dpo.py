@@ -186,7 +186,9 @@ def parse_pair_instruction(obj) -> dict:
 
 def pick_pair(required: int, answers: list[str], quality: list[float] | None = None):
     """(chosen, rejected, scores): the best answer by S_l (or (S_l + S_q) / 2 with quality) and the worst
-    other one; None when every answer scores the same (no preference to learn)."""
+    other one; None when every answer scores the same (no preference to learn) or there are fewer than two."""
+    if len(answers) < 2:
+        return None
     scores = [length_score(required, count_words(a)) for a in answers]
     if quality is not None:
         scores = [(s + q) / 2 for s, q in zip(scores, quality)]
@@ -272,8 +274,9 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
             log(f"{cfg.build_pairs}: instruction {index}: {failed[index]}")
             counts["failed"] += 1
             continue
-        answers = [samples[index][k] for k in range(cfg.samples)]
-        quality = [quality_score([verdicts[index][k]]) for k in range(cfg.samples)] if judge is not None else None
+        kept = [k for k in range(cfg.samples) if samples[index][k].strip()]  # an empty sample is no answer
+        answers = [samples[index][k] for k in kept]
+        quality = [quality_score([verdicts[index][k]]) for k in kept] if judge is not None else None
         pair = pick_pair(required, answers, quality)
         if pair is None:
             cache.append({"index": index, "kind": "no_pair"})

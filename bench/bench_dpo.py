@@ -33,20 +33,11 @@ def pair_row(answer_tokens, prompt_tokens, vocab):
             "n_targets": 2 * answer_tokens, "first_doc": 0}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama3.2-1b", choices=SHAPES)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--answer-tokens", type=int, default=8192)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    mcfg = ModelConfig(**SHAPES[args.shape])
-    row = pair_row(args.answer_tokens, args.prompt_tokens, mcfg.vocab_size)
-    cfg = DPOConfig(device=args.device, micro_rows=1, beta=0.1)
+def dpo_and_sft_steps(model, opt, row, device) -> list[tuple]:
+    """(label, tokens/s, seconds, peak GiB or "-" / "OOM") of an SFT step and a DPO step (cached reference) on
+    the same row, without and with activation checkpointing."""
+    cfg = DPOConfig(device=str(device), micro_rows=1, beta=0.1)
     ref = np.zeros(2)  # cached reference log-probs: the values do not change the cost
-    model = build_model(mcfg, None, 0, 1, device, torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     results = []
     for ckpt in (False, True):
         model.checkpointing = ckpt
@@ -69,6 +60,22 @@ def main():
                 continue
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
             results.append((label, len(row["ids"]) / dt, dt, mem))
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3.2-1b", choices=SHAPES)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--answer-tokens", type=int, default=8192)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    mcfg = ModelConfig(**SHAPES[args.shape])
+    row = pair_row(args.answer_tokens, args.prompt_tokens, mcfg.vocab_size)
+    model = build_model(mcfg, None, 0, 1, device, torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    results = dpo_and_sft_steps(model, opt, row, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.shape} shape, one pair of 2 x {args.answer_tokens}-token answers per step, {name}")
     print(f"| {'step':<30} | {'tokens/s':>9} | {'x SFT time':>10} | {'peak GiB':>8} |")

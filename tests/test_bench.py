@@ -34,3 +34,24 @@ def test_benchmark_prints_one_row_per_setting_with_a_rate(cmd, expected):
     rate_column = 2 if "bench_dpo" not in cmd[0] else 1
     for r in rows:
         assert re.fullmatch(r"[\d,]+(\.\d)?", r[rate_column]) and float(r[rate_column].replace(",", "")) > 0, r
+
+
+def test_gpu_check_runs_every_item_on_the_cpu_and_ends_with_a_summary(tmp_path):
+    out = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(tmp_path / "r.md")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    report = (tmp_path / "r.md").read_text()
+    assert report.strip() == out.stdout.strip()
+    rows = {cells[0]: cells[1] for cells in table_rows_of(report)}
+    assert len(rows) == 11  # 7 correctness items, 4 speed items
+    assert rows["packed rows, flash-attn = math backend"] == "SKIP"  # not installed here
+    failed = [name for name, status in rows.items() if status == "FAIL"]
+    assert not failed and out.returncode == 0, (failed, out.stderr[-3000:])
+    assert all(status == "PASS" for name, status in rows.items() if name.startswith(("logits", "compiled", "SFT:", "DPO:",
+                                                                                      "packed rows, SDPA")))
+    assert all(status == "INFO" for name, status in rows.items() if "shapes" in name)  # no H100 goal judged on a CPU
+    assert re.search(r"^summary: 6 passed, 0 failed, 1 skipped$", report, re.M)
+
+
+def table_rows_of(text):
+    lines = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| ---") and not l.startswith("| item")]
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines]

@@ -91,7 +91,7 @@ class Scripted:
 def test_pair_building_picks_the_answer_whose_length_is_closest_to_the_request(tmp_path):
     chosen, rejected, (sc, sr) = pick_pair(100, ["w " * 50, "w " * 95, "w " * 300, "w " * 120])
     assert len(chosen.split()) == 95 and len(rejected.split()) == 300  # S_l 94.7 vs 33.3
-    assert pick_pair(100, ["w " * 100, "w " * 100]) is None
+    assert pick_pair(100, ["w " * 100, "w " * 100]) is None and pick_pair(100, ["w " * 90]) is None
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"prompt": "Write a 200-word note."}) + "\n" +
                       json.dumps({"prompt": "Anything", "length": 400}) + "\n")
@@ -177,3 +177,14 @@ def test_local_pair_sampling_is_the_same_run_after_run(tmp_path):
         samples.append({(r["index"], r["k"]): r["text"] for r in cache})
     assert len(samples[0]) == 9 and samples[0] == samples[1]
     assert len(set(samples[0].values())) > 1  # sampled, not one answer repeated
+
+
+def test_empty_samples_never_enter_a_pair(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Anything", "length": 100}) + "\n" + json.dumps({"prompt": "More", "length": 100}) + "\n")
+    cfg = DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "pairs.jsonl"), samples=3, workers=1)
+    build_pairs(cfg, sampler=Scripted([0, 90, 300, 0, 0, 95]), log=lambda s: None)  # "" scores 0 but is no answer
+    out = [json.loads(l) for l in open(tmp_path / "pairs.jsonl")]
+    assert len(out) == 1 and [len(out[0]["chosen"].split()), len(out[0]["rejected"].split())] == [90, 300]
+    from dataset import parse_dpo, read_jsonl
+    assert len(read_jsonl(str(tmp_path / "pairs.jsonl"), parse_dpo)[0]) == 1
