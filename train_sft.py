@@ -255,7 +255,7 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, tokenizer):
     with warnings.catch_warnings():  # one process writes the only shard: what DCP's warning is about
         warnings.filterwarnings("ignore", "torch.distributed is .*single process")
         dcp.save({"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()},
-                 checkpoint_id=os.path.join(tmp, "trainer"), no_dist=not dist.is_initialized())
+                 checkpoint_id=os.path.join(tmp, "trainer"))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank0:
         dtype = getattr(torch, cfg.export_dtype)
@@ -285,7 +285,7 @@ def load_checkpoint(model, optimizer, path: str) -> int:
     state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is .*single process")
-        dcp.load(state, checkpoint_id=os.path.join(path, "trainer"), no_dist=not dist.is_initialized())
+        dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"])
     return read_json(os.path.join(path, "trainer_state.json"))["step"]
