@@ -126,14 +126,17 @@ def results_of(preds, lengths, long_cap, short_cap):
 def conclusion(short_cap, long_cap, results, dpo_gain=None) -> str:
     """Sentences derived from the measured numbers; they say so when an effect does not appear."""
     above, upto = f"> {short_cap}", f"<= {long_cap}"
+    if above not in results["a"] or upto not in results["b"]:
+        return (f"This run asked for no length above (a)'s {short_cap}-word cap or none up to (b)'s {long_cap}-word "
+                "cap, so it cannot show the bound; ask for both (--eval-lengths).")
     a_words, b_upto = results["a"][above]["words"], results["b"][upto]["S_l"]
     a_sl, b_sl = results["a"][above]["S_l"], results["b"][above]["S_l"]
     bounded = a_words[0] <= 1.3 * short_cap
     separated = a_sl[2] < b_sl[1]
     if bounded and separated:
         text = (f"Fine-tuned on answers of at most {short_cap} words, (a) wrote {ci_text(*a_words)} words on average "
-                f"when asked for more, while (b), whose data also held answers up to {long_cap} words, followed the "
-                f"asked length up to {long_cap} words (S_l {ci_text(*b_upto)}): the SFT data bounded the output "
+                f"when asked for more, while (b), whose data also held answers up to {long_cap} words, scored S_l "
+                f"{ci_text(*b_upto)} on requests up to {long_cap} words: the SFT data bounded the output "
                 f"length and long answers lifted the bound (S_l above {short_cap} words: {ci_text(*a_sl)} for (a) vs "
                 f"{ci_text(*b_sl)} for (b), 95% intervals that do not overlap).")
     else:
