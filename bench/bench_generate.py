@@ -30,6 +30,16 @@ SHAPES = {
 }
 
 
+def random_model(cfg: ModelConfig, dtype, device) -> Transformer:
+    """Seeded random weights made on the device (an 8B model never passes through host memory)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to(dtype).to_empty(device=device)
+    model.init_weights()
+    return model.eval()
+
+
 def decode_rate(stamps, skip):
     """Tokens/s between the skip-th and the last token's timestamp."""
     return (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
@@ -136,12 +146,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     compile = device.type == "cuda"
     cfg = ModelConfig(**SHAPES[args.shape])
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to(dtype).to_empty(device=device)
-    model.init_weights()
-    model.eval()
+    model = random_model(cfg, dtype, device)
     rows = [("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile),
              None)]
     for ctx in args.contexts:

@@ -140,15 +140,10 @@ def dpo_references(device, tmp):
 # speed and memory: each returns (passed or None for INFO, figure)
 
 def decode_speed(device, big):
-    from bench_generate import SHAPES, hf_rate, ours_rate
+    from bench_generate import SHAPES, hf_rate, ours_rate, random_model
     cfg = ModelConfig(**SHAPES["llama3.1-8b" if big else "tiny"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to(dtype).to_empty(device=device)
-    model.init_weights()
-    model.eval()
+    model = random_model(cfg, dtype, device)
     new = 512 if big else 64
     ours = ours_rate(model, 1000 if big else 100, new, compile=device.type == "cuda")
     del model
@@ -157,14 +152,9 @@ def decode_speed(device, big):
 
 
 def many_prompt_speed(device, big):
-    from bench_generate import SHAPES, answer_lengths, many_prompts
+    from bench_generate import SHAPES, answer_lengths, many_prompts, random_model
     cfg = ModelConfig(**SHAPES["llama3.1-8b" if big else "tiny"])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to(dtype).to_empty(device=device)
-    model.init_weights()
-    model.eval()
+    model = random_model(cfg, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     n, slots, longest = (64, 32, 1024) if big else (16, 4, 64)
     lengths, _ = answer_lengths(n, longest)
     static, cont = many_prompts(model, lengths, slots, 128 if big else 16, compile=device.type == "cuda")
