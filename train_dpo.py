@@ -29,9 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agentwrite import APIError, AuthError, ChatClient, JsonlLog, parse_instruction
-from dataset import DataError, builtin_corpus, count_words, file_digest, read_jsonl, tokenizer_files, write_builtin
+from dataset import (DataError, builtin_corpus, chat_prompt_ids, count_words, file_digest, load_tokenizer, read_jsonl,
+                     tokenizer_files, write_builtin)
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
-from model import checkpoint_files
+from generate import generate_many
+from model import Transformer, checkpoint_files
 from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, row_logps,
                        run_training)
 
@@ -202,10 +204,6 @@ def sample_local(cfg: DPOConfig, todo: list[tuple], cache: JsonlLog, have: dict,
     """Sample (index, k, prompt) requests with cfg.model in-process by continuous batching over cfg.workers rows:
     the K samples of an instruction are K rows. Requests go in a fixed order and the sampling is seeded, so
     the same instructions give the same samples run after run; each is cached as it ends."""
-    import torch
-    from dataset import chat_prompt_ids, load_tokenizer
-    from generate import generate_many
-    from model import Transformer
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
     model = Transformer.from_pretrained(cfg.model, torch.bfloat16 if device == "cuda" else torch.float32, device).eval()

@@ -319,6 +319,8 @@ def check_out_dir(cfg, rank: int):
         if not cfg.overwrite:
             raise ValueError(f"{cfg.out} already holds checkpoints ({', '.join(step_dirs(cfg.out)) or 'latest'}): "
                              "--resume to continue that run, --overwrite to delete them and start afresh, or another --out")
+        if dist.is_initialized():
+            dist.barrier()  # every rank has looked at --out before rank 0 clears it
         if rank == 0:
             for d in step_dirs(cfg.out):
                 shutil.rmtree(os.path.join(cfg.out, d))
@@ -346,8 +348,6 @@ def prepare(cfg, kind="sft", write_default_data=None):
     if cfg.batch_rows % per_step:
         raise ValueError(f"--batch-rows {cfg.batch_rows} is not a multiple of --micro-rows x ranks = {per_step}")
     os.makedirs(cfg.out, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked at --out before rank 0 may clear it
     if not cfg.data:
         data_dir = os.path.join(cfg.out, "data")
         if rank == 0:

@@ -136,13 +136,18 @@ def test_the_benchmark_files_are_read_by_path():
     assert len(read_rows(os.path.join(SHARED, "longwrite_ruler.jsonl"))) == 48
 
 
-def test_predict_with_a_tiny_local_checkpoint_end_to_end(tmp_path):
-    build_tokenizer(str(tmp_path / "ckpt"), ["write a word essay about the sea ."])
+def tiny_checkpoint(path):
+    """A random one-layer model with the built-in word-level tokenizer, saved as a checkpoint folder."""
     from dataset import load_tokenizer
-    tok = load_tokenizer(str(tmp_path / "ckpt"))
+    build_tokenizer(str(path), ["write a word essay about the sea ."])
     torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(tmp_path / "ckpt")
+    Transformer(ModelConfig(vocab_size=load_tokenizer(str(path)).vocab_size, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=16)).save_pretrained(path)
+
+
+def test_predict_with_a_tiny_local_checkpoint_end_to_end(tmp_path):
+    tiny_checkpoint(tmp_path / "ckpt")
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "type": "T", "length": n})
                              + "\n" for n in (100, 200, 300)))
@@ -249,12 +254,7 @@ def test_reports_tell_same_named_files_apart_and_plots_are_valid_xml(tmp_path):
 def test_predict_killed_mid_run_and_rerun_answers_every_prompt_once(tmp_path):
     import signal
     import time
-    build_tokenizer(str(tmp_path / "ckpt"), ["write a word essay about the sea ."])
-    from dataset import load_tokenizer
-    tok = load_tokenizer(str(tmp_path / "ckpt"))
-    torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(tmp_path / "ckpt")
+    tiny_checkpoint(tmp_path / "ckpt")
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "type": "T", "length": n})
                              + "\n" for n in range(100, 1300, 100)))
