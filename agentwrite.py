@@ -128,15 +128,24 @@ def plan_table(lines: list[str]) -> list[dict] | None:
     return None
 
 
+def set_off(line: str, span) -> bool:
+    """A count written as a plan writes it: at the end of the line or after "(", a dash, ":" or "|"
+    ("Starter basics - 500 words"), not inside a sentence ("Aiming for a 600-word blog post")."""
+    before, after = line[:span[0]].rstrip(" *"), line[span[1]:].strip(" *)）.。")
+    return not after or before.endswith(tuple("(（-–—:：|,，[【"))
+
+
 def parse_plan(text: str) -> list[dict]:
     """Plan text -> [{"point": str, "words": int}], one per paragraph.
 
     Numbered lines ("Paragraph 2", "3.", "第三段", "段落3") each open a paragraph, and the lines under
     one (a "Main Point:" line, a "Word Count: 400" line) belong to it; text before the first is a
-    title or an intro. Without numbering, each line with a word count is a paragraph (only the
-    labelled ones, "Word Count: N", when some are labelled; a label-only line takes the text line
-    above it as its point). A range ("300-400 words") counts as its midpoint; "Total" lines and a
-    line whose count is the sum of all the others (a title's "(2000 words)") are not paragraphs.
+    title or an intro. Without numbering, each line with a labelled count ("Word Count: N") is a
+    paragraph when some are labelled (a label-only line takes the text line above it as its point);
+    else each line whose count is set off as a plan writes it ("- 500 words", "(500 words)"), and
+    then two such lines at least: one line of prose with a number in it is not a plan. A range
+    ("300-400 words") counts as its midpoint. "Total" lines are not paragraphs; nor, by its form, an
+    unnumbered first or last line whose count is the sum of all the others (a title's "(2000 words)").
     """
     lines = [l for l in text.splitlines() if l.strip() and not TOTAL_RE.search(l)]
     table = plan_table(lines)
@@ -160,22 +169,22 @@ def parse_plan(text: str) -> list[dict]:
                 continue
             if clean_point(b):
                 blocks[-1][0].append(clean_point(b))
-    else:
-        counts = [find_count(b) for b in bare]
-        labelled_only = any(c and c[2] for c in counts)
+        return [{"point": ": ".join(p[:2]), "words": w} for p, w in blocks if p and w]
+    counts = [find_count(b) for b in bare]
+    labelled_only = any(c and c[2] for c in counts)
+    above = ""
+    for b, c in zip(bare, counts):
+        if c is None or (labelled_only and not c[2]) or (not labelled_only and not set_off(b, c[1])):
+            above = clean_point(b)
+            continue
+        point = clean_point(b[:c[1][0]] + b[c[1][1]:]) or above
+        blocks.append([[point] if point else [], c[0]])
         above = ""
-        for b, c in zip(bare, counts):
-            if c is None or (labelled_only and not c[2]):
-                above = clean_point(b)
-                continue
-            point = clean_point(b[:c[1][0]] + b[c[1][1]:]) or above
-            blocks.append([[point] if point else [], c[0]])
-            above = ""
     steps = [{"point": ": ".join(p[:2]), "words": w} for p, w in blocks if p and w]
     if len(steps) > 2:
         total = sum(s["words"] for s in steps)
-        steps = [s for s in steps if 2 * s["words"] != total]
-    return steps
+        steps = [s for k, s in enumerate(steps) if not (k in (0, len(steps) - 1) and 2 * s["words"] == total)]
+    return steps if labelled_only or len(steps) >= 2 else []
 
 
 def plan_text(steps: list[dict]) -> str:
@@ -214,7 +223,13 @@ class ChatClient:
         return text.replace(self.key, "***") if self.key else text
 
     def chat(self, messages, max_tokens, temperature=0.7) -> str:
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        return self.complete(messages, max_tokens, temperature)[0]
+
+    def complete(self, messages, max_tokens, temperature=0.7) -> tuple[str, str]:
+        """(text, finish_reason): "length" when the answer was cut at max_tokens (0: the server's own limit)."""
+        body = {"model": self.model, "messages": messages, "temperature": temperature}
+        if max_tokens > 0:
+            body["max_tokens"] = max_tokens
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         problem = ""
         for attempt in range(self.max_retries + 1):
@@ -235,7 +250,7 @@ class ChatClient:
                             raise APIError("refused by the content filter")
                         if not isinstance(text, str) or not text.strip():
                             raise APIError("empty answer")
-                        return text
+                        return text, "length" if finish == "length" else "stop"
                 elif r.status_code == 429 or r.status_code >= 500:
                     problem = f"HTTP {r.status_code}"
                     retry_after = r.headers.get("Retry-After", "")
@@ -253,35 +268,44 @@ class ChatClient:
 
 class LocalClient:
     """Our own checkpoint in-process, serving calls from many worker threads by continuous batching: a call
-    takes a free row of the running batch at once and is answered as soon as its own answer ends."""
+    takes a free row of the running batch at once and is answered as soon as its own answer ends. Only the
+    rows in use are decoded (eagerly), so one waiting call costs one row, up to max_batch rows at once."""
 
-    def __init__(self, checkpoint, device=None, max_batch=8, template=None, row_len=32768, seed=0):
+    def __init__(self, checkpoint, device=None, max_batch=8, template=None, system="", context=0, row_len=32768,
+                 seed=0):
         import torch
         from dataset import load_tokenizer
+        from generate import context_of
         from model import Transformer
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.tok = load_tokenizer(checkpoint, template)
         self.model = Transformer.from_pretrained(checkpoint, dtype, device).eval()
-        self.compile = device.startswith("cuda")
+        self.compile, self.system = device.startswith("cuda"), system
         self.max_batch, self.seed, self.requests = max_batch, seed, queue.Queue()
-        self.row_len = min(row_len, self.model.config.max_position_embeddings)
+        # a cache row: the model's context (or --context), at most row_len tokens (the cache holds max_batch rows)
+        self.row_len = min(row_len, context_of(self.model, context))
         threading.Thread(target=self.serve, daemon=True).start()
 
     def chat(self, messages, max_tokens, temperature=0.7) -> str:
+        return self.complete(messages, max_tokens, temperature)[0]
+
+    def complete(self, messages, max_tokens, temperature=0.7) -> tuple[str, str]:
+        """(text, finish_reason); a prompt + max_tokens past the context is an APIError, named, before decoding."""
         from dataset import chat_prompt_ids
-        from generate import check_request
-        prompt = chat_prompt_ids(self.tok, messages)
+        from generate import check_request, finish_reason
+        prompt = chat_prompt_ids(self.tok, messages, self.system)
         try:
             check_request(self.model, prompt, max_tokens, self.row_len)
         except ValueError as e:
             raise APIError(str(e)) from None
         done = Future()
         self.requests.put((done, prompt, max_tokens, self.tok.stop_ids, temperature))
-        text = done.result()
+        ids = done.result()
+        text = self.tok.decode(ids)
         if not text.strip():
             raise APIError("empty answer")
-        return text
+        return text, finish_reason(ids, max_tokens)
 
     def serve(self):
         from generate import continuous
@@ -300,7 +324,7 @@ class LocalClient:
                 for done, ids in continuous(self.model, next_request, self.max_batch, self.row_len, top_p=0.8,
                                             seed=self.seed, compile=self.compile):
                     pending.discard(done)
-                    done.set_result(self.tok.decode(ids))
+                    done.set_result(ids)
             except Exception as e:  # noqa: BLE001 - hand the error to the waiting callers
                 for done in pending:
                     done.set_exception(e)
@@ -362,17 +386,45 @@ def read_instructions(path) -> list[tuple[str, dict]]:
 # -----------------------------------------------------------------------------
 # one instruction: plan, then each paragraph in order
 
-def write_item(client, key, source, cache: JsonlLog, done: dict, cfg) -> dict:
-    """Run the calls this item still needs; returns its output record. `done` holds its cached results."""
-    instruction = source["prompt"]
-    if "plan" not in done:
+SENTENCE_END = re.compile(r"[.!?。！？…](?:[\"'”’)）\]*_]*)$")
+
+
+def trim_to_sentence(text: str, cut: bool) -> str:
+    """The paragraph without a sentence left unfinished: cut back to the last sentence end when the call hit its
+    token limit (cut) or when its last line is prose that stops mid-sentence. A last line that is a heading,
+    a list item or a table row is left alone. Empty when no sentence is complete."""
+    text = text.rstrip()
+    last = text.splitlines()[-1].strip() if text else ""
+    prose = len(last.split()) >= 8 and not re.match(r"^(?:[#>|*•\-]|\d+[.)])", last)
+    if not text or SENTENCE_END.search(text) or not (cut or prose):
+        return text
+    ends = list(re.finditer(r"[.!?。！？…][\"'”’)）\]*_]*(?=\s|$)", text))
+    return text[:ends[-1].end()].rstrip() if ends else ""
+
+
+def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print) -> dict:
+    """Run the calls this item still needs; returns its output record. `done` holds its cached results. A plan
+    that cannot be read is kept in the cache (text and reason) and asked again, up to cfg.plan_attempts times."""
+    instruction, name = source["prompt"], source.get("id", key)
+    attempt = done.get("plan_attempts", 0)
+    while "plan" not in done:
+        if attempt >= cfg.plan_attempts:
+            raise APIError(f"plan rejected {attempt} times; the last one: {done.get('plan_problem', '')} "
+                           f"(the plans are kept in the cache file)")
+        attempt += 1
+        log(f"{name}: planning (attempt {attempt} of {cfg.plan_attempts})")
         text = client.chat([{"role": "user", "content": fill(cfg.plan_template, instruction=instruction)}],
-                           max_tokens=2048, temperature=cfg.temperature)
+                           max_tokens=cfg.plan_tokens, temperature=cfg.temperature)
         steps = parse_plan(text)
         if not steps or len(steps) > MAX_STEPS:
-            raise APIError(f"plan rejected: {len(steps)} parseable steps (1 to {MAX_STEPS} needed)")
+            problem = f"{len(steps)} parseable steps (1 to {MAX_STEPS} needed)"
+            done["plan_problem"] = problem
+            cache.append({"key": key, "kind": "plan_rejected", "reason": problem, "text": text})
+            log(f"{name}: plan rejected: {problem}; it began {text.strip()[:80]!r}")
+            continue
         done["plan"], done["plan_text"] = steps, text
         cache.append({"key": key, "kind": "plan", "steps": steps, "text": text})
+        log(f"{name}: plan of {len(steps)} paragraphs, {sum(s['words'] for s in steps):,} words")
     steps, paragraphs = done["plan"], done.setdefault("paragraphs", {})
     for i, step in enumerate(steps):
         if i in paragraphs:
@@ -380,33 +432,47 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg) -> dict:
         written = "\n\n".join(paragraphs[j] for j in range(i))
         prompt = fill(cfg.write_template, instruction=instruction, plan=plan_text(steps), text=written,
                       step=f"paragraph {i + 1} of {len(steps)} ({step['point']}; {step['words']} words)")
-        text = client.chat([{"role": "user", "content": prompt}], max_tokens=3 * step["words"] + 200,
-                           temperature=cfg.temperature).strip()
-        paragraphs[i] = text
-        cache.append({"key": key, "kind": "paragraph", "i": i, "text": text})
+        text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=3 * step["words"] + 200,
+                                       temperature=cfg.temperature)
+        text = text.strip()
+        kept = trim_to_sentence(text, finish == "length")
+        if not kept:
+            raise APIError(f"paragraph {i + 1} stops mid-sentence and has no complete sentence")
+        paragraphs[i] = kept
+        cache.append({"key": key, "kind": "paragraph", "i": i, "text": kept, "finish_reason": finish,
+                      "trimmed": kept != text})
+        done.setdefault("trimmed", set()).add(i) if kept != text else None
+        log(f"{name}: paragraph {i + 1} of {len(steps)}: {count_words(kept)} words (planned {step['words']})"
+            + (", cut back to its last full sentence" if kept != text else ""))
     answer = "\n\n".join(paragraphs[i] for i in range(len(steps)))
     return {"key": key, "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
             "plan": steps, "plan_text": done.get("plan_text", ""),
             "paragraph_words": [count_words(paragraphs[i]) for i in range(len(steps))],
+            "trimmed_paragraphs": sorted(done.get("trimmed", ())),
             "words": count_words(answer), "planned_words": sum(s["words"] for s in steps)}
 
 
 @dataclass
 class AgentConfig:
-    input: str = ""
-    output: str = "longwriter.jsonl"
+    input: str = ""                      # instructions JSONL: "prompt" (and any other fields, "id" included)
+    output: str = "longwriter.jsonl"     # SFT records; OUTPUT.cache.jsonl beside it holds every call
     api_base: str = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
     model: str = "gpt-4o"
     api_key_env: str = "OPENAI_API_KEY"  # the name of the variable holding the key, never the key
     checkpoint: str = ""                 # write with our own model in-process instead of an endpoint
     plan_prompt: str = ""                # file replacing PLAN_PROMPT ({instruction} marker)
     write_prompt: str = ""               # file replacing WRITE_PROMPT ({instruction} {plan} {text} {step} markers)
-    workers: int = 8
-    max_retries: int = 5
-    timeout: float = 600.0
+    workers: int = 8                     # items in flight (endpoint calls at once; rows decoded with --checkpoint)
+    max_retries: int = 5                 # per call: timeouts, 429 and 5xx are retried with backoff
+    timeout: float = 600.0               # seconds per call
     backoff: float = 1.0
     temperature: float = 0.7
+    plan_tokens: int = 2048              # token limit of the planning call
+    plan_attempts: int = 3               # plans asked per item before it fails (rejected ones stay in the cache)
     min_ratio: float = 0.5               # drop answers shorter than this x the planned words
+    max_ratio: float = 1.5               # drop answers longer than this x the planned words
+    system: str = ""                     # --checkpoint: system turn; empty: the chat template's default (if any)
+    context: int = 0                     # --checkpoint: > 0, a smaller context than the model's
     plan_template: str = PLAN_PROMPT
     write_template: str = WRITE_PROMPT
 
@@ -426,7 +492,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     items = read_instructions(cfg.input)
     if client is None:
         if cfg.checkpoint:
-            client = LocalClient(cfg.checkpoint)
+            client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context)
         else:
             client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                 cfg.max_retries, cfg.backoff)
@@ -439,22 +505,27 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
             s["plan"], s["plan_text"] = r["steps"], r.get("text", "")
         elif r["kind"] == "paragraph":
             s.setdefault("paragraphs", {})[r["i"]] = r["text"]
+            if r.get("trimmed"):
+                s.setdefault("trimmed", set()).add(r["i"])
     todo = [(key, src) for key, src in items if key not in finished]
     counts = {"done": 0, "failed": 0, "dropped": 0, "skipped": len(items) - len(todo), "words": 0}
     lock, t0 = threading.Lock(), time.time()
 
     def one(key, src):
+        name = src.get("id", key)  # what the user calls the item
         try:
-            rec = write_item(client, key, src, cache, state.setdefault(key, {}), cfg)
+            rec = write_item(client, key, src, cache, state.setdefault(key, {}), cfg, log)
         except AuthError:
             raise
         except APIError as e:
             cache.append({"key": key, "kind": "failed", "error": str(e)})
-            outcome, msg = "failed", f"{key}: failed: {e}"
+            outcome, msg = "failed", f"{name}: failed: {e}"
         else:
-            if rec["words"] < cfg.min_ratio * rec["planned_words"]:
+            ratio = rec["words"] / max(1, rec["planned_words"])
+            if not cfg.min_ratio <= ratio <= cfg.max_ratio:
                 cache.append({"key": key, "kind": "dropped", "words": rec["words"], "planned": rec["planned_words"]})
-                outcome, msg = "dropped", f"{key}: dropped, {rec['words']} of {rec['planned_words']} planned words"
+                outcome, msg = "dropped", (f"{name}: dropped, {rec['words']} words against {rec['planned_words']} planned "
+                                           f"({ratio:.0%}; kept: {cfg.min_ratio:.0%} to {cfg.max_ratio:.0%})")
             else:  # the input's own fields (its "id" too) are kept; "id" defaults to the key
                 output.append({"id": key, **{k: v for k, v in src.items() if k != "prompt"}, **rec})
                 outcome, msg = "done", None
@@ -476,20 +547,16 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         except AuthError:
             pool.shutdown(cancel_futures=True)
             raise
-    log(f"summary: {counts['done']} written, {counts['failed']} failed, {counts['dropped']} dropped below "
-        f"{cfg.min_ratio:.0%} of the planned length, {counts['skipped']} already done; {counts['words']:,} words "
-        f"-> {cfg.output}")
+    log(f"summary: {counts['done']} written, {counts['failed']} failed, {counts['dropped']} dropped outside "
+        f"{cfg.min_ratio:.0%}-{cfg.max_ratio:.0%} of the planned length, {counts['skipped']} already done; "
+        f"{counts['words']:,} words -> {cfg.output}")
     return counts
 
 
 def main():
-    cfg = AgentConfig()
+    from dataset import add_flags
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in vars(cfg).items():
-        if name.endswith("_template"):
-            continue
-        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    cfg = AgentConfig(**vars(ap.parse_args()))
+    cfg = AgentConfig(**vars(add_flags(ap, AgentConfig, skip=("plan_template", "write_template")).parse_args()))
     if not cfg.input:
         ap.error("--input FILE is required")
     try:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,38 @@ TEMPLATES = {"llama3": llama3_chat, "inst": inst_chat, "glm4": glm4_chat, "chatm
 END_OF_TURN = {"llama3": "<|eot_id|>", "glm4": "<|endoftext|>", "chatml": "<|im_end|>", "plain": "</s>"}
 
 
+def default_system(template: str, chat_template: str) -> str:
+    """The system turn a checkpoint's own (jinja) chat template adds when a conversation has none, so that
+    our prompts equal transformers' apply_chat_template: ChatML templates that write a literal
+    "<|im_start|>system ...<|im_end|>" (SmolLM2, Qwen2.5), and Llama 3.1/3.2's "Cutting Knowledge Date"
+    header (today's date where the template asks for strftime_now, as transformers fills it in; that
+    header is written before any system text, see with_system). Empty when the template adds nothing."""
+    if template == "chatml":
+        for m in re.finditer(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", chat_template, re.S):
+            if not re.search(r"[{}'\"+]", m.group(1)):  # a literal, not jinja that prints the user's system turn
+                return m.group(1).replace("\\n", "\n")
+    if template == "llama3" and "Cutting Knowledge Date" in chat_template:
+        date = time.strftime("%d %b %Y") if "strftime_now" in chat_template else "26 Jul 2024"
+        return f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+    return ""
+
+
+def with_system(messages: list[dict], system: str, tok) -> list[dict]:
+    """The conversation as the model's template renders it: `system` (--system) first when given, else the
+    template's default system turn when the conversation has none. Llama 3's date header goes in front of
+    whatever system text there is."""
+    if system:
+        messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+    default = tok.default_system
+    if not default:
+        return messages
+    if tok.template == "llama3":
+        if messages[0]["role"] == "system":
+            return [{"role": "system", "content": default + messages[0]["content"]}] + messages[1:]
+        return [{"role": "system", "content": default}] + messages
+    return messages if messages[0]["role"] == "system" else [{"role": "system", "content": default}] + messages
+
+
 # -----------------------------------------------------------------------------
 # tokenizers
 
@@ -100,7 +133,7 @@ def read_json(file):
     if not os.path.isfile(file):
         return {}
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
@@ -130,16 +163,19 @@ class Tokenizer:
             self.specials = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
                              if self.sp.is_control(i) or self.sp.is_unknown(i)}
         else:
-            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model here; name the folder that holds "
+                                    "them with --tokenizer")
         config = read_json(os.path.join(path, "tokenizer_config.json"))
         for i, t in (config.get("added_tokens_decoder") or {}).items():
             self.specials.setdefault(t["content"], int(i))
         self.vocab_size = self.hf.get_vocab_size() if self.hf else self.sp.get_piece_size()
         self.bos = token_str(config.get("bos_token")) or ("<s>" if "<s>" in self.specials else "")
         self.eos = token_str(config.get("eos_token")) or ("</s>" if "</s>" in self.specials else "")
-        self.template = template or detect_template(config.get("chat_template") or "", self.specials)
+        self.chat_template = read_chat_template(path, config)
+        self.template = template or detect_template(self.chat_template, self.specials)
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown chat template {self.template!r}; choose from {', '.join(TEMPLATES)}")
+        self.default_system = default_system(self.template, self.chat_template)
         by_length = sorted(self.specials, key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
         # generation stops at any eos id of generation_config.json, the eos token or the end-of-turn token
@@ -180,7 +216,22 @@ class Tokenizer:
         return out
 
     def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True) if self.hf else self.sp.decode(ids)
+        """The text of the ids; an answer cut inside a multi-byte character loses that broken tail (U+FFFD)."""
+        text = self.hf.decode(ids, skip_special_tokens=True) if self.hf else self.sp.decode(ids)
+        return text.rstrip("\ufffd")
+
+
+def read_chat_template(path, config: dict) -> str:
+    """The jinja chat template wherever transformers keeps it: chat_template.jinja (what current versions
+    save), chat_template.json, or the "chat_template" field of tokenizer_config.json."""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    template = read_json(os.path.join(path, "chat_template.json")).get("chat_template") or config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    return template or ""
 
 
 def detect_template(chat_template: str, specials: dict) -> str:
@@ -204,7 +255,7 @@ def load_tokenizer(path, template=None) -> Tokenizer:
 def encode_chats(tok: Tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) per conversation: labels equal the ids on assistant tokens and their end-of-turn
     token, -100 elsewhere. All pieces of all conversations go through one batch encode."""
-    rendered = [TEMPLATES[tok.template](m, tok.bos, tok.eos) for m in conversations]
+    rendered = [TEMPLATES[tok.template](with_system(m, "", tok), tok.bos, tok.eos) for m in conversations]
     encoded = iter(tok.encode_batch([text for parts in rendered for text, _ in parts]))
     out = []
     for parts in rendered:
@@ -221,11 +272,12 @@ def encode_chat(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[i
     return encode_chats(tok, [messages])[0]
 
 
-def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt for generating the next assistant turn (the same pieces training used)."""
+def chat_prompt_ids(tok: Tokenizer, messages: list[dict], system: str = "") -> list[int]:
+    """The prompt for generating the next assistant turn (the same pieces training used); `system`
+    replaces the conversation's system turn (and the template's default one)."""
     if messages[-1]["role"] == "assistant":
         raise ValueError("the conversation already ends with an assistant turn")
-    return encode_chat(tok, messages)[0]
+    return encode_chat(tok, with_system(messages, system, tok))[0]
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +347,7 @@ def read_jsonl(path, parse, skip_bad=False, hint=""):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data file not found")
     records, bad = [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first line
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -436,7 +488,8 @@ def file_digest(*paths) -> str:
 
 
 def tokenizer_files(tok: Tokenizer) -> list[str]:
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "chat_template.json", "generation_config.json")
     return [os.path.join(tok.path, n) for n in names if os.path.isfile(os.path.join(tok.path, n))]
 
 
@@ -446,7 +499,7 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
     the memory-mapped cache. kind "sft": one unit per conversation; "dpo": chosen and rejected together."""
     if not os.path.isfile(data):
         raise FileNotFoundError(f"{data}: data file not found")
-    settings = json.dumps([kind, max_tokens, mode, truncate, skip_bad, tok.template, 2])  # 2: format version
+    settings = json.dumps([kind, max_tokens, mode, truncate, skip_bad, tok.template, tok.default_system, 3])  # 3: version
     key = file_digest(data, *tokenizer_files(tok))[:16] + "-" + hashlib.sha256(settings.encode()).hexdigest()[:8]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(data)), ".cache")
     path = os.path.join(cache_dir, f"{os.path.basename(data)}-{key}")
@@ -583,18 +636,39 @@ class DataConfig:
     seed: int = 0
 
 
+def add_flags(ap, config_class, skip=(), defaults=None, suppress=False):
+    """One --flag per field of a config dataclass, its help the comment beside the field in the source, with
+    the default shown. A True boolean gets --no-NAME as well. suppress: leave unset flags out of the
+    parsed namespace (so a caller can tell what was given)."""
+    import argparse
+    import inspect
+    comments = {}
+    for klass in reversed(config_class.__mro__[:-1]):  # a subclass's comment wins
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M))
+    for name, value in {**vars(config_class()), **(defaults or {})}.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown = "" if value in ("", ()) else f" (default: {value})"
+        kw = {"default": argparse.SUPPRESS if suppress else value,
+              "help": (comments.get(name, "") + shown).strip().replace("%", "%%") or None}
+        if isinstance(value, bool):
+            kw["action"] = argparse.BooleanOptionalAction if value else "store_true"
+        else:
+            kw["type"] = type(value)
+        ap.add_argument(flag, **kw)
+    return ap
+
+
 def main():
     import argparse
     import sys
-    cfg = DataConfig()
     ap = argparse.ArgumentParser(description="Tokenize and pack SFT/DPO data (cached), or write the built-in corpus.")
-    for name, value in vars(cfg).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            ap.add_argument(flag, action="store_true")
-        else:
-            ap.add_argument(flag, type=type(value), default=value)
-    cfg = DataConfig(**vars(ap.parse_args()))
+    cfg = DataConfig(**vars(add_flags(ap, DataConfig).parse_args()))
     try:
         if not cfg.data:
             cfg.data, tok_dir = write_builtin(cfg.builtin_out, cfg.count, cfg.min_words, cfg.max_words, cfg.seed)

@@ -142,6 +142,8 @@ def read_preds(path, need_response=False) -> list[dict]:
 def summary(preds: list[dict], judged: dict | None = None) -> dict:
     """S_l (and S_q, S when judged) over the predictions, with the count."""
     out = {"n": len(preds), "S_l": sum(length_score(p["length"], p["response_length"]) for p in preds) / max(1, len(preds))}
+    if any("finish_reason" in p for p in preds):  # answers cut at the token limit, when the file says
+        out["cut"] = sum(p.get("finish_reason") == "length" for p in preds)
     if judged is not None:
         scores = [judged[p["index"]] for p in preds if p["index"] in judged]
         out["S_q"], out["judged"] = quality_score(scores), len(scores)
@@ -159,42 +161,79 @@ def table(rows: list[list], header: list[str]) -> str:
 # -----------------------------------------------------------------------------
 # predict
 
-def predict_local(model, tok, rows, out_path, max_new_tokens=32768, temperature=0.5, top_p=0.8, batch_size=8,
-                  seed=0, compile=False, log=print):
-    """Answer every benchmark row with our model by continuous batching over `batch_size` rows (max_new_tokens:
-    one for all, or one per row). Each answer is appended to out_path as soon as it ends, so a killed run
-    resumes with only the unfinished prompts."""
+def resume_predictions(out_path, settings: list[dict], overwrite=False, log=print) -> set:
+    """The indices already answered in out_path by the same model and generation settings. Every prediction
+    row carries the "generation" that made it; a row made otherwise (another checkpoint, temperature, limit,
+    system turn...) is refused, naming the difference, unless overwrite starts the file afresh."""
+    if overwrite and os.path.exists(out_path):
+        os.remove(out_path)
+    done = set()
+    for p in JsonlLog(out_path).read():
+        i = p.get("index")
+        want = settings[i] if isinstance(i, int) and 0 <= i < len(settings) else None
+        if want is None or p.get("generation") != want:
+            have = p.get("generation") or {}
+            diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in (want or {}).items() if have.get(k) != v]
+            raise ValueError(f"{out_path}: row {i} was made by other settings ({'; '.join(diff[:3]) or 'no generation record'}"
+                             f"); rerun with the same ones, write to another --output, or --overwrite to start it afresh")
+        done.add(i)
+    if done:
+        log(f"predict: reusing {len(done)} answers already in {out_path} (same model and settings)")
+    return done
+
+
+def generation_record(model_id: dict, max_new: int, temperature, top_p, seed, system) -> dict:
+    return {**model_id, "max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed,
+            "system": system}
+
+
+def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5, top_p=0.8, batch_size=8,
+                  seed=0, compile=False, model_id=None, system="", context=0, overwrite=False, log=print):
+    """Answer every benchmark row with our model by continuous batching over `batch_size` rows. max_new_tokens:
+    one for all or one per row; 0 fills the context (prompt + answer = the model's context, or --context),
+    and a limit that does not fit is refused before decoding. Each answer is appended to out_path as soon as
+    it ends, with the generation that made it and its finish_reason ("length": cut at the limit), so a killed
+    run resumes with only the unfinished prompts and a run with another model never reuses them."""
     from dataset import chat_prompt_ids
-    from generate import generate_many
+    from generate import finish_reason, fit_new_tokens, generate_many
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}], system) for r in rows]
+    limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(rows)
+    limits = [fit_new_tokens(model, len(p), m, context, f"row {i}") for i, (p, m) in enumerate(zip(prompts, limits))]
+    if any(m <= 0 for m in (max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens])):
+        log(f"predict: max_new_tokens fills the context: {min(limits)}-{max(limits)} new tokens per row")
+    model_id = model_id or {"model": "unnamed"}
+    settings = [generation_record(model_id, m, temperature, top_p, seed, system) for m in limits]
+    done = resume_predictions(out_path, settings, overwrite, log)
     out = JsonlLog(out_path)
-    done = {p["index"] for p in out.read()}
-    todo = [(i, r) for i, r in enumerate(rows) if i not in done]
-    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}]) for _, r in todo]
-    if isinstance(max_new_tokens, (list, tuple)):  # one limit per row
-        max_new_tokens = [max_new_tokens[i] for i, _ in todo]
-    answers = generate_many(model, prompts, max_new_tokens, tok.stop_ids, batch_size, temperature, top_p=top_p,
-                            seed=seed, compile=compile) if todo else []
+    todo = [i for i in range(len(rows)) if i not in done]
+    answers = generate_many(model, [prompts[i] for i in todo], [limits[i] for i in todo], tok.stop_ids, batch_size,
+                            temperature, top_p=top_p, seed=seed, compile=compile) if todo else []
     for n, (k, ids) in enumerate(answers, 1):
-        i, r = todo[k]
+        i = todo[k]
         text = tok.decode(ids)
-        out.append({"index": i, **r, "response": text, "response_length": count_words(text)})
+        out.append({"index": i, **rows[i], "response": text, "response_length": count_words(text),
+                    "finish_reason": finish_reason(ids, limits[i]), "generation": settings[i]})
         log(f"predict: {len(done) + n}/{len(rows)}")
     return sorted(out.read(), key=lambda p: p["index"])
 
 
-def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, log=print):
+def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, model_id=None, overwrite=False,
+                log=print):
+    """Answer every row through an endpoint (max_new_tokens 0: the server's own limit); resumable as predict_local."""
+    settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature, None, None, "")] * len(rows)
+    done = resume_predictions(out_path, settings, overwrite, log)
     out = JsonlLog(out_path)
-    done = {p["index"] for p in out.read()}
 
     def one(i, r):
         try:
-            text = client.chat([{"role": "user", "content": r["prompt"]}], max_new_tokens, temperature)
+            text, finish = client.complete([{"role": "user", "content": r["prompt"]}], max_new_tokens, temperature)
         except AuthError:
             raise
         except APIError as e:
             log(f"predict: row {i} failed: {e}")
             return
-        out.append({"index": i, **r, "response": text, "response_length": count_words(text)})
+        out.append({"index": i, **r, "response": text, "response_length": count_words(text), "finish_reason": finish,
+                    "generation": settings[i]})
     with ThreadPoolExecutor(workers) as pool:
         for f in [pool.submit(one, i, r) for i, r in enumerate(rows) if i not in done]:
             f.result()
@@ -291,14 +330,17 @@ def breakdown(preds, judged=None) -> dict:
 
 
 def ruler(preds) -> dict:
-    """LongWrite-Ruler: mean produced length per requested length, per language."""
+    """LongWrite-Ruler: mean and longest produced length, S_l, n (and answers cut at the limit) per requested
+    length, per language."""
     out = {}
     for lang in sorted({language(p["prompt"]) for p in preds}):
         out[lang] = {}
         for n in sorted({p["length"] for p in preds}):
-            group = [p["response_length"] for p in preds if p["length"] == n and language(p["prompt"]) == lang]
+            group = [p for p in preds if p["length"] == n and language(p["prompt"]) == lang]
             if group:
-                out[lang][n] = {"mean_length": sum(group) / len(group), "max_length": max(group), "n": len(group)}
+                lengths = [p["response_length"] for p in group]
+                out[lang][n] = {"mean_length": sum(lengths) / len(lengths), "max_length": max(lengths),
+                                **summary(group)}
     return out
 
 
@@ -385,9 +427,9 @@ def report(pred_paths: list[str], judged_paths: list[str] | None = None, plot: s
     for col in ["overall"] + [bucket_name(lo, hi) for lo, hi in BUCKETS]:
         for path, r in results.items():
             cell = r["breakdown"]["overall"] if col == "overall" else r["breakdown"]["length"].get(col)
-            if cell:
-                rows.append([col, names[path], cell["n"]] + [cell.get(m, float("nan")) for m in metrics])
-    log(table(rows, ["required length", "predictions", "n"] + metrics))
+            if cell:  # cut: answers that hit the token limit ("?" when the file does not say)
+                rows.append([col, names[path], cell["n"], cell.get("cut", "?")] + [cell.get(m, float("nan")) for m in metrics])
+    log(table(rows, ["required length", "predictions", "n", "cut"] + metrics))
     for path, r in results.items():
         for key in ("type", "language"):
             group = r["breakdown"][key]
@@ -408,55 +450,73 @@ def report(pred_paths: list[str], judged_paths: list[str] | None = None, plot: s
 class EvalConfig:
     command: str = "report"
     files: tuple = ()
-    checkpoint: str = ""
-    api_base: str = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
-    model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
-    output: str = ""            # predict: the prediction file (default: pred.jsonl beside --out)
+    checkpoint: str = ""        # predict with this checkpoint folder in-process
+    api_base: str = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")  # predict/judge endpoint
+    model: str = ""             # the model at --api-base: predict with it, or (quality) the judge
+    api_key_env: str = "OPENAI_API_KEY"  # the name of the variable holding the key, never the key
+    output: str = ""            # predict: the prediction file (default: BENCH.MODEL.pred.jsonl in the current folder)
+    overwrite: bool = False     # predict: start --output afresh instead of resuming it
+    limit: int = 0              # predict: only the first N rows of the benchmark (0: all)
     judged: str = ""            # quality: the verdict file (default: PRED.judged.jsonl)
     judge_prompt: str = ""      # a file with {instruction} and {response} (or $INST$ and $RESPONSE$) markers
     judge_temperature: float = 0.5
     out: str = ""               # scores as JSON
     plot: str = ""              # report: scatter plot (.svg)
-    max_new_tokens: int = 32768
+    max_new_tokens: int = 0     # predict: 0 fills the model's context (endpoint: the server's limit)
+    context: int = 0            # predict: > 0, a smaller context than the model's max_position_embeddings
+    system: str = ""            # predict: system turn; empty: the chat template's default (if it has one)
+    template: str = ""          # predict: chat template name; empty: detect from the tokenizer files
     temperature: float = 0.5
     top_p: float = 0.8
     batch_size: int = 8         # predict with --checkpoint: rows decoded at once (continuous batching)
-    workers: int = 8
+    workers: int = 8            # endpoint calls at once
     max_retries: int = 5
     timeout: float = 600.0
     seed: int = 0
 
 
+def checkpoint_identity(path) -> dict:
+    """What a prediction file records of the checkpoint that made it: its folder name and a digest of its
+    config and weights (a moved folder is the same model; other weights under the same name are not)."""
+    from dataset import file_digest
+    from model import checkpoint_files
+    weights = file_digest(os.path.join(path, "config.json"), *checkpoint_files(path))[:16]
+    return {"model": os.path.basename(os.path.normpath(path)), "weights": weights}
+
+
 def main():
+    from dataset import add_flags
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["predict", "length", "quality", "ruler", "report"])
     ap.add_argument("files", nargs="+")
-    for name, value in vars(EvalConfig()).items():
-        if name not in ("command", "files"):
-            ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    cfg = EvalConfig(**vars(ap.parse_args()))
+    cfg = EvalConfig(**vars(add_flags(ap, EvalConfig, skip=("command", "files")).parse_args()))
     client = lambda model: ChatClient(cfg.api_base, model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                       cfg.max_retries)
     try:
         if cfg.command == "predict":
-            rows = read_rows(cfg.files[0])
-            output = cfg.output or os.path.basename(os.path.splitext(cfg.files[0])[0]) + ".pred.jsonl"
+            rows = read_rows(cfg.files[0])[:cfg.limit or None]
+            name = os.path.basename(os.path.normpath(cfg.checkpoint)) if cfg.checkpoint else cfg.model.replace("/", "_")
+            output = cfg.output or f"{os.path.basename(os.path.splitext(cfg.files[0])[0])}.{name}.pred.jsonl"
             if cfg.checkpoint:
                 import torch
                 from dataset import load_tokenizer
                 from model import Transformer
                 device = "cuda" if torch.cuda.is_available() else "cpu"
+                tok = load_tokenizer(cfg.checkpoint, cfg.template or None)
                 model = Transformer.from_pretrained(cfg.checkpoint, torch.bfloat16 if device == "cuda" else torch.float32,
                                                     device).eval()
-                preds = predict_local(model, load_tokenizer(cfg.checkpoint), rows, output, cfg.max_new_tokens,
-                                      cfg.temperature, cfg.top_p, cfg.batch_size, cfg.seed, compile=device == "cuda")
+                preds = predict_local(model, tok, rows, output, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                      cfg.batch_size, cfg.seed, compile=device == "cuda",
+                                      model_id=checkpoint_identity(cfg.checkpoint), system=cfg.system,
+                                      context=cfg.context, overwrite=cfg.overwrite)
             elif cfg.model:
-                preds = predict_api(client(cfg.model), rows, output, cfg.max_new_tokens, cfg.temperature, cfg.workers)
+                preds = predict_api(client(cfg.model), rows, output, cfg.max_new_tokens, cfg.temperature, cfg.workers,
+                                    overwrite=cfg.overwrite)
             else:
                 ap.error("predict needs --checkpoint DIR or --api-base URL --model NAME")
             result = summary(preds)
-            print(f"{len(preds)} predictions -> {output}; S_l {result['S_l']:.1f}")
+            print(f"{len(preds)} predictions -> {output}; S_l {result['S_l']:.1f}; "
+                  f"{result.get('cut', 0)} cut at the token limit")
         elif cfg.command == "length":
             preds = read_preds(cfg.files[0])
             result = breakdown(preds)["overall"]
@@ -474,9 +534,9 @@ def main():
         elif cfg.command == "ruler":
             preds = read_preds(cfg.files[0])
             result = {"S_l": summary(preds)["S_l"], "ruler": ruler(preds)}
-            rows = [[lang, n, r["mean_length"], r["max_length"], r["n"]] for lang, g in result["ruler"].items()
-                    for n, r in g.items()]
-            print(table(rows, ["language", "required", "mean output", "max output", "n"]))
+            rows = [[lang, n, r["mean_length"], r["max_length"], r["S_l"], r["n"], r.get("cut", "?")]
+                    for lang, g in result["ruler"].items() for n, r in g.items()]
+            print(table(rows, ["language", "required", "mean output", "max output", "S_l", "n", "cut"]))
         else:
             judged = [cfg.judged] if cfg.judged else None
             result = report(list(cfg.files), judged, cfg.plot)

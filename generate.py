@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dataset import chat_prompt_ids, count_words, load_tokenizer
-from model import Transformer
+from model import KVCache, Transformer
 
 
 def sample(logits: torch.Tensor, temperature=1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -80,10 +80,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     device = model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
-    window = model.config.sliding_window
-    if window and S > window:
-        raise ValueError(f"prompt + max_new_tokens = {S} tokens is longer than the model's sliding_window ({window}), "
-                         "which this implementation does not apply")
+    for i, p in enumerate(prompts):  # left padding puts every prompt at P tokens
+        check_request(model, [0] * P, max_new_tokens, S, f"prompt {i}" if B > 1 else "prompt")
     torch.manual_seed(seed)
     logits, start, slots = prefill(model, prompts, S)
 
@@ -137,11 +135,45 @@ def prefill_row(model, caches, row: int, prompt: list[int]) -> torch.Tensor:
             layer.self_attn.cache = cache
 
 
+def context_of(model, context: int = 0) -> int:
+    """The longest prompt + answer the model takes: max_position_embeddings, or the original length x factor
+    when RoPE scaling extends it further (dynamic NTK or YaRN configs keep the original length there);
+    a smaller `context` the user gives (--context) wins."""
+    cfg = model.config
+    n, s = cfg.max_position_embeddings, cfg.rope_scaling or {}
+    if s.get("factor"):
+        n = max(n, int((s.get("original_max_position_embeddings") or n) * s["factor"]))
+    return min(n, context) if context > 0 else n
+
+
+def fit_new_tokens(model, prompt_len: int, max_new_tokens: int, context: int = 0, what="prompt") -> int:
+    """max_new_tokens for a prompt of prompt_len tokens: 0 means "up to the context window"; a number that
+    does not fit the window is refused, naming both numbers (never silently cut)."""
+    ctx = context_of(model, context)
+    room = ctx - prompt_len
+    if room < 1:
+        raise ValueError(f"{what}: {prompt_len} prompt tokens fill the model's context of {ctx} tokens")
+    if max_new_tokens <= 0:
+        return room
+    if max_new_tokens > room:
+        raise ValueError(f"{what}: {prompt_len} prompt tokens + max_new_tokens {max_new_tokens} = "
+                         f"{prompt_len + max_new_tokens} tokens, more than the model's context of {ctx} tokens "
+                         f"(max_position_embeddings or --context); ask for at most {room} new tokens")
+    return max_new_tokens
+
+
+def finish_reason(tokens: list[int], max_new_tokens: int) -> str:
+    """Why an answer ended: "length" when it used all max_new_tokens (no stop token came, so the text is cut),
+    else "stop". Exact, since decoding ends at the first stop token and leaves it out."""
+    return "length" if len(tokens) >= max_new_tokens else "stop"
+
+
 def check_request(model, prompt, max_new_tokens, row_len, what="prompt"):
-    """Refuse, before any decoding, what cannot fit a cache row or the model's window."""
+    """Refuse, before any decoding, what cannot fit a cache row, the model's context or its window."""
     need = len(prompt) + max_new_tokens
     if not prompt or max_new_tokens < 1:
         raise ValueError(f"{what}: needs at least one prompt token and max_new_tokens >= 1")
+    fit_new_tokens(model, len(prompt), max_new_tokens, what=what)
     if need > row_len:
         raise ValueError(f"{what}: {len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} = {need} tokens, "
                          f"longer than a cache row ({row_len})")
@@ -158,7 +190,8 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
     now, with block=True when none will come (the loop then ends once every row is done). Yields
     (key, new tokens without the stop token) as each answer ends. Same requests, seed and slots: same
     answers. Each step: sample every row (one host sync), hand out finished answers, prefill waiting
-    prompts into free rows, one decode step of fixed shape (slots, 1) for all rows."""
+    prompts into free rows, one decode step: of fixed shape (slots, 1) when compiled, of the rows in use when
+    eager."""
     device = model.embed_tokens.weight.device
     torch.manual_seed(seed)
     model.setup_cache(slots, row_len)
@@ -207,10 +240,22 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                     yield key, out
                 pos.append(n_prompt + len(out) - 1 if rows[r] is not None else 0)
             if any(rows):
-                # compiled, attention reads whole rows (one shape, one CUDA graph); eager, the filled part
-                # rounded up to a power of two, so that short answers do not pay for the longest row
-                keys = row_len if compile else min(row_len, 1 << max(pos).bit_length())
-                logits = step(model, toks[:, None], torch.tensor(pos, device=device), cache_slots[:keys])
+                if compile:  # whole rows, one shape: one CUDA graph for every step
+                    logits = step(model, toks[:, None], torch.tensor(pos, device=device), cache_slots)
+                    continue
+                # eager: only the rows up to the last one in use (free rows are refilled lowest first, so one
+                # waiting request decodes one row), and only the filled part of the cache rounded up to a
+                # power of two, so that short answers do not pay for the longest row
+                n = max(r for r in range(slots) if rows[r] is not None) + 1
+                keys = min(row_len, 1 << max(pos).bit_length())
+                for layer, cache in zip(model.layers, caches):
+                    layer.self_attn.cache = KVCache(cache.k[:n], cache.v[:n])
+                try:
+                    out = step(model, toks[:n, None], torch.tensor(pos[:n], device=device), cache_slots[:keys])
+                finally:
+                    for layer, cache in zip(model.layers, caches):
+                        layer.self_attn.cache = cache
+                logits = torch.cat([out, logits[n:]]) if n < slots else out
     finally:
         for layer in model.layers:  # free the cache
             layer.self_attn.cache = None
@@ -259,42 +304,46 @@ class Streamer:
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = ""
+    checkpoint: str = ""      # Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)
     prompt: str = "Write a 10000-word guide to the history of the printing press."
-    max_new_tokens: int = 32768
+    system: str = ""          # system turn; empty: the chat template's default (if it has one)
+    max_new_tokens: int = 0   # 0: up to the model's context; more than fits is refused
+    context: int = 0          # > 0: a smaller context than the model's max_position_embeddings
     temperature: float = 0.5
     top_p: float = 0.8
     top_k: int = 0
     seed: int = 0
-    template: str = ""  # chat template name; empty: detect from the tokenizer files
+    template: str = ""        # chat template name; empty: detect from the tokenizer files
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
-    compile: bool = torch.cuda.is_available()
+    compile: bool = torch.cuda.is_available()  # CUDA: the decode step as one CUDA graph
 
 
 def main():
-    cfg = GenerateConfig()
+    from dataset import add_flags
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in vars(cfg).items():
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
-    cfg = GenerateConfig(**vars(ap.parse_args()))
+    cfg = GenerateConfig(**vars(add_flags(ap, GenerateConfig).parse_args()))
     if not cfg.checkpoint:
         ap.error("--checkpoint DIR is required")
     try:
         tokenizer = load_tokenizer(cfg.checkpoint, cfg.template or None)
         model = Transformer.from_pretrained(cfg.checkpoint, getattr(torch, cfg.dtype), cfg.device).eval()
+        prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": cfg.prompt}], cfg.system)
+        max_new = fit_new_tokens(model, len(prompt), cfg.max_new_tokens, cfg.context)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": cfg.prompt}])
+    if cfg.max_new_tokens <= 0:
+        print(f"max_new_tokens: {max_new} (the model's context {context_of(model, cfg.context)} - "
+              f"{len(prompt)} prompt tokens)", file=sys.stderr)
     streamer = Streamer(tokenizer, tokenizer.stop_ids)
     t0 = time.perf_counter()
-    out = generate(model, [prompt], cfg.max_new_tokens, tokenizer.stop_ids, cfg.temperature, cfg.top_k, cfg.top_p,
+    out = generate(model, [prompt], max_new, tokenizer.stop_ids, cfg.temperature, cfg.top_k, cfg.top_p,
                    cfg.seed, cfg.compile, on_tokens=streamer)[0]
     dt = time.perf_counter() - t0
     text = tokenizer.decode(out)
+    ended = "a stop token" if finish_reason(out, max_new) == "stop" else f"the max_new_tokens limit ({max_new}): cut"
     print(f"\n--- {len(out)} tokens, {count_words(text)} words, {len(out) / dt:.1f} tokens/s "
-          f"({dt:.1f} s, prompt {len(prompt)} tokens)", file=sys.stderr)
+          f"({dt:.1f} s, prompt {len(prompt)} tokens); ended at {ended}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from agentwrite import APIError, AuthError, ChatClient, JsonlLog, parse_instruct
 from dataset import (DataError, builtin_corpus, chat_prompt_ids, count_words, file_digest, load_tokenizer, read_jsonl,
                      tokenizer_files, write_builtin)
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
-from generate import generate_many
+from generate import finish_reason, fit_new_tokens, generate_many
 from model import Transformer, checkpoint_files
 from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, row_logps,
                        run_training)
@@ -50,12 +50,14 @@ class DPOConfig(TrainConfig):
     build_pairs: str = ""       # instructions JSONL ("prompt", and "length" or a number of words in the prompt)
     pairs_out: str = "pairs.jsonl"
     samples: int = 4            # answers sampled per instruction
-    max_new_tokens: int = 8192
+    max_new_tokens: int = 0     # per sample; 0 fills the model's context (an endpoint: its own limit)
     temperature: float = 0.8
     api_base: str = os.environ.get("OPENAI_BASE_URL", "")
     api_key_env: str = "OPENAI_API_KEY"
     sampler_model: str = ""     # sample through the endpoint with this model instead of --model in-process
     judge_model: str = ""       # score quality too, with this judge at the endpoint
+    min_margin: float = 5.0     # keep a pair only when chosen outscores rejected by this much (0-100 scale)
+    system: str = ""            # system turn for sampling; empty: the chat template's default (if any)
     workers: int = 4            # endpoint calls at once, or rows decoded at once with --model in-process
 
 
@@ -186,16 +188,24 @@ def parse_pair_instruction(obj) -> dict:
     return {**obj, "length": int(m.group(1).replace(",", ""))}
 
 
-def pick_pair(required: int, answers: list[str], quality: list[float] | None = None):
-    """(chosen, rejected, scores): the best answer by S_l (or (S_l + S_q) / 2 with quality) and the worst
-    other one; None when every answer scores the same (no preference to learn) or there are fewer than two."""
+def pick_pair(required: int, answers: list[str], quality: list[float] | None = None, cut: list[bool] | None = None,
+              min_margin: float = 0.0):
+    """(chosen, rejected, scores): the best answer by S_l (or (S_l + S_q) / 2 with quality) among those that
+    ended by themselves (an answer cut at the token limit is never chosen: DPO would teach its cut-off text
+    followed by the end-of-turn token), and the worst of the others. None when fewer than two answers, when
+    every answer was cut, or when the best beats the worst by less than min_margin (no clear preference)."""
     if len(answers) < 2:
         return None
+    cut = cut or [False] * len(answers)
     scores = [length_score(required, count_words(a)) for a in answers]
     if quality is not None:
         scores = [(s + q) / 2 for s, q in zip(scores, quality)]
-    best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-    if scores[best] == scores[worst]:
+    whole = [k for k in range(len(answers)) if not cut[k]]
+    if not whole:
+        return None
+    best = max(whole, key=lambda k: scores[k])
+    worst = min((k for k in range(len(answers)) if k != best), key=lambda k: scores[k])
+    if scores[best] - scores[worst] < max(min_margin, 1e-9):
         return None
     return answers[best], answers[worst], (scores[best], scores[worst])
 
@@ -203,16 +213,19 @@ def pick_pair(required: int, answers: list[str], quality: list[float] | None = N
 def sample_local(cfg: DPOConfig, todo: list[tuple], cache: JsonlLog, have: dict, log=print):
     """Sample (index, k, prompt) requests with cfg.model in-process by continuous batching over cfg.workers rows:
     the K samples of an instruction are K rows. Requests go in a fixed order and the sampling is seeded, so
-    the same instructions give the same samples run after run; each is cached as it ends."""
+    the same instructions give the same samples run after run; each is cached as it ends, with its
+    finish_reason. max_new_tokens 0 fills the model's context."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
     model = Transformer.from_pretrained(cfg.model, torch.bfloat16 if device == "cuda" else torch.float32, device).eval()
-    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": prompt}]) for _, _, prompt in todo]
-    for n, (j, ids) in enumerate(generate_many(model, prompts, cfg.max_new_tokens, tok.stop_ids, cfg.workers,
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": prompt}], cfg.system) for _, _, prompt in todo]
+    limits = [fit_new_tokens(model, len(p), cfg.max_new_tokens, what=f"instruction {i}")
+              for p, (i, _, _) in zip(prompts, todo)]
+    for n, (j, ids) in enumerate(generate_many(model, prompts, limits, tok.stop_ids, cfg.workers,
                                                cfg.temperature, top_p=1.0, seed=cfg.seed, compile=device == "cuda"), 1):
         index, k, _ = todo[j]
-        have.setdefault(index, {})[k] = tok.decode(ids)
-        cache.append({"index": index, "kind": "sample", "k": k, "text": have[index][k]})
+        have.setdefault(index, {})[k] = (tok.decode(ids), finish_reason(ids, limits[j]))
+        cache.append({"index": index, "kind": "sample", "k": k, "text": have[index][k][0], "finish_reason": have[index][k][1]})
         log(f"pairs: {n}/{len(todo)} samples")
 
 
@@ -232,7 +245,7 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     samples, verdicts = {}, {}
     for r in cache.read():
         if r.get("kind") == "sample":
-            samples.setdefault(r["index"], {})[r["k"]] = r["text"]
+            samples.setdefault(r["index"], {})[r["k"]] = (r["text"], r.get("finish_reason", "stop"))
         elif r.get("kind") == "verdict":
             verdicts.setdefault(r["index"], {})[r["k"]] = r["scores"]
     items = [(i, r["prompt"], r["length"]) for i, r in enumerate(records) if i not in finished]
@@ -242,11 +255,12 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     def call(index, k, prompt, what):
         try:
             if what == "sample":
-                text = sampler.chat([{"role": "user", "content": prompt}], cfg.max_new_tokens, cfg.temperature)
-                samples.setdefault(index, {})[k] = text
-                cache.append({"index": index, "kind": "sample", "k": k, "text": text})
+                text, finish = sampler.complete([{"role": "user", "content": prompt}], cfg.max_new_tokens,
+                                                cfg.temperature)
+                samples.setdefault(index, {})[k] = (text, finish)
+                cache.append({"index": index, "kind": "sample", "k": k, "text": text, "finish_reason": finish})
             else:
-                scores = judge_one(judge, prompt, samples[index][k], JUDGE_PROMPT)
+                scores = judge_one(judge, prompt, samples[index][k][0], JUDGE_PROMPT)
                 verdicts.setdefault(index, {})[k] = scores
                 cache.append({"index": index, "kind": "verdict", "k": k, "scores": scores})
         except AuthError:
@@ -272,10 +286,11 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
             log(f"{cfg.build_pairs}: instruction {index}: {failed[index]}")
             counts["failed"] += 1
             continue
-        kept = [k for k in range(cfg.samples) if samples[index][k].strip()]  # an empty sample is no answer
-        answers = [samples[index][k] for k in kept]
+        kept = [k for k in range(cfg.samples) if samples[index][k][0].strip()]  # an empty sample is no answer
+        answers = [samples[index][k][0] for k in kept]
+        cut = [samples[index][k][1] == "length" for k in kept]
         quality = [quality_score([verdicts[index][k]]) for k in kept] if judge is not None else None
-        pair = pick_pair(required, answers, quality)
+        pair = pick_pair(required, answers, quality, cut, cfg.min_margin)
         if pair is None:
             cache.append({"index": index, "kind": "no_pair"})
         else:
@@ -283,7 +298,8 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
             out.append({"index": index, "prompt": prompt, "length": required, "chosen": chosen, "rejected": rejected,
                         "chosen_score": sc, "rejected_score": sr})
         counts["pairs" if pair else "no_pair"] += 1
-    log(f"pairs: {counts['pairs']} written, {counts['no_pair']} without preference, {counts['failed']} failed")
+    log(f"pairs: {counts['pairs']} written, {counts['no_pair']} without a clear preference (every answer cut at the "
+        f"token limit, or a margin under {cfg.min_margin}), {counts['failed']} failed")
     return counts
 
 

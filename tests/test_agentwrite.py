@@ -21,11 +21,11 @@ def is_plan(content):
 
 
 def default_answer(content):
-    """Plans of three 30-word paragraphs; paragraph K is 'pK' and 29 more words."""
+    """Plans of three 30-word paragraphs; paragraph K is 'pK' and 29 more words, ending a sentence."""
     if is_plan(content):
         return "Here is the plan:\n\n" + "\n\n".join(
             f"Paragraph {k} - Main Point: part {k} of it - Word Count: 30 words" for k in (1, 2, 3))
-    return f"{step_of(content)} " + "word " * 29
+    return f"{step_of(content)} " + "word " * 28 + "word."
 
 
 def call_key(call):
@@ -333,8 +333,13 @@ def test_plans_with_no_steps_or_too_many_are_rejected(inputs, tmp_path):
     server = ChatServer(answer)
     counts = run(config(server, inputs, tmp_path), log=quiet)
     assert counts["failed"] == 2 and counts["done"] == 1
-    errors = sorted(json.loads(l)["error"] for l in open(tmp_path / "out.jsonl.cache.jsonl") if '"failed"' in l)
-    assert errors == ["plan rejected: 0 parseable steps (1 to 50 needed)", "plan rejected: 51 parseable steps (1 to 50 needed)"]
+    cache = [json.loads(l) for l in open(tmp_path / "out.jsonl.cache.jsonl")]
+    errors = sorted(r["error"] for r in cache if r["kind"] == "failed")
+    assert errors == [f"plan rejected 3 times; the last one: {n} parseable steps (1 to 50 needed) (the plans are kept in "
+                      "the cache file)" for n in (0, 51)]
+    rejected = [r for r in cache if r["kind"] == "plan_rejected"]  # each attempt kept: its text and its reason
+    assert len(rejected) == 6 and sorted({r["text"] for r in rejected}) == sorted(plans.values())
+    assert len(server.calls) == 3 + 3 + 4  # three plans for each failed item, one plan and three paragraphs
     server.close()
 
 
@@ -363,7 +368,7 @@ def test_a_local_call_joins_the_running_batch_instead_of_waiting_for_it(tmp_path
     ended.append(("short", client.chat([{"role": "user", "content": "the ships"}], 5, temperature=1.0)))
     long_call.join()
     assert [name for name, _ in ended] == ["short", "long"] and len(ended[1][1].split()) > 2000  # (special tokens decode to nothing)
-    with pytest.raises(APIError, match="longer than a cache row"):
+    with pytest.raises(APIError, match="more than the model's context of 4096 tokens"):
         client.chat([{"role": "user", "content": "the sea"}], 5000)
 
 

@@ -102,7 +102,8 @@ def test_report_numbers_on_a_file_with_known_scores(tmp_path):
     assert b["length"]["[4000,inf)"]["S_l"] == 0 and b["length"]["[4000,inf)"]["judged"] == 0
     assert b["language"]["zh"]["n"] == 1 and b["type"]["B"]["S_l"] == pytest.approx(100 * (1 - 1 / 3) / 2)
     row = next(l for l in lines[0].splitlines() if l.startswith("| [2000,4000)"))
-    assert [c.strip() for c in row.strip("|").split("|")][2:5] == ["1", "33.3", "66.7"]  # n, S = (S_l 66.7 + S_q 0) / 2, S_l
+    # n, cut ("?": the file does not say), S = (S_l 66.7 + S_q 0) / 2, S_l
+    assert [c.strip() for c in row.strip("|").split("|")][2:6] == ["1", "?", "33.3", "66.7"]
     svg = open(tmp_path / "plot.svg").read()
     assert svg.startswith("<svg") and svg.count("<circle") == 3 + 1  # three answers and one legend mark
     assert svg.count("<path") == 1 + 1  # the empty answer, drawn apart, and its legend mark
@@ -124,7 +125,7 @@ def test_ruler_reports_length_per_requested_length_and_language():
              {"prompt": "写1000字", "length": 1000, "response_length": 700},
              {"prompt": "Write 2000 words", "length": 2000, "response_length": 1500}]
     r = ruler(preds)
-    assert r["en"][1000] == {"mean_length": 1000, "max_length": 1100, "n": 2}
+    assert r["en"][1000] == {"mean_length": 1000, "max_length": 1100, "n": 2, "S_l": pytest.approx((100 * (1 - (1000 / 900 - 1) / 2) + 100 * (1 - 0.1 / 3)) / 2)}
     assert r["zh"][1000]["mean_length"] == 700 and r["en"][2000]["max_length"] == 1500
 
 

@@ -82,10 +82,10 @@ class Scripted:
     def __init__(self, lengths):
         self.lengths, self.calls = lengths, 0
 
-    def chat(self, messages, max_tokens, temperature=0.7):
+    def complete(self, messages, max_tokens, temperature=0.7):
         n = self.lengths[self.calls % len(self.lengths)]
         self.calls += 1
-        return " ".join(["word"] * n)
+        return " ".join(["word"] * n), "stop"
 
 
 def test_pair_building_picks_the_answer_whose_length_is_closest_to_the_request(tmp_path):
