@@ -398,7 +398,8 @@ def trim_to_sentence(text: str, cut: bool) -> str:
     prose = len(last.split()) >= 8 and not re.match(r"^(?:[#>|*•\-]|\d+[.)])", last)
     if not text or SENTENCE_END.search(text) or not (cut or prose):
         return text
-    ends = list(re.finditer(r"[.!?。！？…][\"'”’)）\]*_]*(?=\s|$)", text))
+    # a Latin sentence ends before a space; a Chinese one (。！？) also right before the next character
+    ends = list(re.finditer(r"[.!?…][\"'”’)）\]*_]*(?=\s|$)|[。！？][”’」』）)]*", text))
     return text[:ends[-1].end()].rstrip() if ends else ""
 
 

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from dataset import TOPICS, WORDINGS, load_tokenizer, write_builtin
-from evaluate import length_score, predict_local, scatter_svg, table
+from dataset import TOPICS, WORDINGS, add_flags, load_tokenizer, write_builtin
+from evaluate import checkpoint_identity, length_score, predict_local, scatter_svg, table
 from model import Transformer, write_json
 from train_dpo import DPOConfig, build_pairs
 from train_dpo import train as train_dpo
@@ -106,7 +106,7 @@ def answer(ckpt, rows, out_path, cfg):
     model = Transformer.from_pretrained(ckpt, dtype, cfg.device).eval()
     return predict_local(model, load_tokenizer(ckpt), rows, out_path, [int(4.7 * r["length"]) + 64 for r in rows],
                          temperature=cfg.temperature, top_p=1.0, batch_size=cfg.slots, seed=cfg.seed,
-                         compile=cfg.device.startswith("cuda"), log=lambda s: None)
+                         compile=cfg.device.startswith("cuda"), model_id=checkpoint_identity(ckpt), log=lambda s: None)
 
 
 def results_of(preds, lengths, long_cap, short_cap):
@@ -167,14 +167,8 @@ def prepare_out(cfg):
 
 
 def main():
-    cfg = DemoConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in vars(cfg).items():
-        if isinstance(value, bool):
-            ap.add_argument("--" + name.replace("_", "-"), action="store_true")
-        else:
-            ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    cfg = DemoConfig(**vars(ap.parse_args()))
+    cfg = DemoConfig(**vars(add_flags(ap, DemoConfig).parse_args()))
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     s = cfg.scale

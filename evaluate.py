@@ -352,7 +352,7 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 
 def scatter_svg(series: dict, path: str, title="Required vs. output length", size=560, pad=70):
     """Required vs produced length on log-log axes fitted to the data (as the paper's plot), one colour per
-    prediction file, y = x dashed, gridlines at 1-2-5 ticks; empty answers as crosses under the axis."""
+    prediction file, y = x dashed, gridlines at 1-2-5 ticks; answers with no countable word as crosses under the axis."""
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
     values = [v for pts in series.values() for x, y in pts for v in (x, y) if v > 0] or [10, 1000]
     lo, hi = math.log10(min(values) / 1.25), math.log10(max(values) * 1.25)
@@ -386,7 +386,7 @@ def scatter_svg(series: dict, path: str, title="Required vs. output length", siz
         svg += [dot(px(x), py(y), c) if y > 0 else cross(px(x), floor, c) for x, y in pts]
         legend.append((dot, c, name))
     if any(y <= 0 for pts in series.values() for _, y in pts):
-        legend.append((cross, "black", "empty answer (0 words)"))
+        legend.append((cross, "black", "no countable words (0)"))
     for k, (marker, c, text) in enumerate(legend):
         x, y = pad + 15, pad + 12 + 18 * k
         svg.append(f'{marker(x, y, c)}<text x="{x + 11}" y="{y + 4}">{escape(text)}</text>')

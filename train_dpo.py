@@ -34,7 +34,7 @@ from dataset import (DataError, builtin_corpus, chat_prompt_ids, count_words, fi
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
 from generate import finish_reason, fit_new_tokens, generate_many
 from model import Transformer, checkpoint_files
-from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, row_logps,
+from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, remove_if_unused, row_logps,
                        run_training)
 
 
@@ -322,6 +322,7 @@ def train(cfg: DPOConfig) -> list[dict]:
 
 def main():
     cfg = parse_args(config_class=DPOConfig, builtin=BUILTIN)
+    existed = os.path.exists(cfg.out)
     try:
         if cfg.build_pairs:
             counts = build_pairs(cfg)
@@ -330,6 +331,8 @@ def main():
         else:
             train(cfg)
     except (FileNotFoundError, ValueError, FloatingPointError, APIError) as e:
+        if not cfg.build_pairs:
+            remove_if_unused(cfg.out, existed)
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():

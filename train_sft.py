@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
+from dataset import add_flags, load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
 from model import ModelConfig, Transformer, read_config, save_hf, write_json
 
 
@@ -496,22 +496,24 @@ def parse_args(argv=None, config_class=TrainConfig, builtin=BUILTIN):
     """Flags map one to one onto the config's fields; with neither --model nor --data, `builtin` fills
     what the command line leaves unset."""
     ap = argparse.ArgumentParser(description=sys.modules[config_class.__module__].__doc__.splitlines()[0])
-    for name, value in vars(config_class()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            ap.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
-        else:
-            ap.add_argument(flag, type=type(value), default=argparse.SUPPRESS)
-    given = vars(ap.parse_args(argv))
+    given = vars(add_flags(ap, config_class, suppress=True).parse_args(argv))
     defaults = builtin if not given.get("model") and not given.get("data") else {}
     return config_class(**{**defaults, **given})
 
 
+def remove_if_unused(out: str, existed: bool):
+    """After a failed run: an --out folder that this run created and that holds no checkpoint goes again."""
+    if not existed and int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(out) and not step_dirs(out):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main():
     cfg = parse_args()
+    existed = os.path.exists(cfg.out)
     try:
         train(cfg)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        remove_if_unused(cfg.out, existed)
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():

@@ -387,3 +387,54 @@ def test_local_backend_batches_calls_from_several_workers(tmp_path):
         t.join()
     alone = [tok.decode(generate(model, [chat_prompt_ids(tok, p)], 12, tok.stop_ids, temperature=0)[0]) for p in prompts]
     assert answers == alone
+
+
+def test_prose_is_not_a_plan_and_an_equal_sum_middle_paragraph_is_kept():
+    assert parse_plan("Aiming for a 600-word blog post that walks through the history of tea.") == []
+    plan = "1. Opening scene (300-400 words)\n2. The long middle (800-1000 words)\n3. The ending (500-600 words)"
+    assert [s["words"] for s in parse_plan(plan)] == [350, 900, 550]  # 900 = 350 + 550, still a paragraph
+    assert [s["words"] for s in parse_plan(plan.replace("1. ", "").replace("2. ", "").replace("3. ", "")
+                                           .replace(" (", " - ").replace(")", ""))] == [350, 900, 550]
+
+
+@pytest.mark.parametrize("text,cut,expected", [
+    ("The tide rose. The boats waited for", True, "The tide rose."),
+    ("The tide rose. The boats waited for the storm to pass before they set out again at", False, "The tide rose."),
+    ("The tide rose. “Go now,” she said.", True, "The tide rose. “Go now,” she said."),
+    ("潮水涨了。船在等待", True, "潮水涨了。"),
+    ("## Harbour life\n- nets\n- boats", False, "## Harbour life\n- nets\n- boats"),  # a list is not cut
+    ("no sentence ends here at all and it goes on", True, ""),
+])
+def test_paragraphs_that_stop_mid_sentence_are_cut_back_to_the_last_full_sentence(text, cut, expected):
+    from agentwrite import trim_to_sentence
+    assert trim_to_sentence(text, cut) == expected
+
+
+def test_answers_far_longer_than_planned_are_dropped_and_items_are_named_by_id(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write 90 words on topic 0", "id": "tea-essay"}) + "\n")
+    server = ChatServer(lambda c: default_answer(c) if is_plan(c) else "word " * 80 + "end.")  # 3 x 81 against 90
+    lines = []
+    counts = run(config(server, inputs, tmp_path), log=lines.append)
+    assert counts["dropped"] == 1 and counts["done"] == 0
+    assert any(l.startswith("tea-essay: dropped, 243 words against 90 planned (270%") for l in lines)
+    assert any(l.startswith("tea-essay: planning") for l in lines) and any("tea-essay: paragraph 3 of 3" in l for l in lines)
+    server.close()
+
+
+def test_a_cut_paragraph_is_trimmed_and_recorded(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write 90 words on topic 0"}) + "\n")
+
+    def behave(call):
+        if step_of(call["content"]) != "p2":
+            return None
+        reply = {"choices": [{"message": {"content": "p2 " + "word " * 20 + "stop. And then the" + " more" * 10},
+                              "finish_reason": "length"}]}
+        return 200, json.dumps(reply), {}, 0
+    server = ChatServer(default_answer, behave)
+    run(config(server, inputs, tmp_path, min_ratio=0.1), log=quiet)
+    record = json.loads(open(tmp_path / "out.jsonl").read())
+    assert record["trimmed_paragraphs"] == [1] and record["paragraph_words"][1] == 21
+    assert record["messages"][1]["content"].split("\n\n")[1].endswith("stop.")
+    server.close()

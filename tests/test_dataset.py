@@ -260,3 +260,39 @@ def test_truncated_conversations_with_no_target_left_are_dropped_and_counted():
     assert over == 2 and no_target == 1
     assert (packed.ids == 1).sum() == 0 and (packed.ids == 2).sum() == 30
     assert all(packed.row(r)["n_targets"] > 0 for r in range(len(packed)))
+
+
+def test_a_file_starting_with_a_byte_order_mark_is_read_whole(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes("\ufeff".encode() + b'{"prompt": "p", "response": "r"}\n{"prompt": "q", "response": "s"}\n')
+    records, bad = read_jsonl(str(f), parse_sft)
+    assert len(records) == 2 and bad == 0 and records[0][0]["content"] == "p"
+
+
+def test_an_answer_cut_inside_a_multibyte_character_decodes_without_a_broken_tail(tmp_path):
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE({c: i for i, c in enumerate(tokenizers.pre_tokenizers.ByteLevel.alphabet())}, []))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    t = Tokenizer(str(tmp_path))
+    ids = t.encode("海浪")  # six byte tokens
+    assert len(ids) == 6 and t.decode(ids) == "海浪" and t.decode(ids[:5]) == "海" and "\ufffd" not in t.decode(ids[:4])
+
+
+def test_a_missing_tokenizer_points_to_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        Tokenizer(str(tmp_path))
+
+
+def test_every_script_explains_its_flags_and_defaults():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script, flag in [("train_sft.py", "--loss-reduction"), ("train_dpo.py", "--min-margin"), ("evaluate.py", "--limit"),
+                         ("agentwrite.py", "--max-ratio"), ("generate.py", "--max-new-tokens"), ("demo.py", "--short-cap"),
+                         ("dataset.py", "--max-tokens"), ("convert_gguf.py", "--smollm2")]:
+        out = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True, text=True).stdout
+        block = out[out.index(flag):].split("\n  --")[0]
+        assert len(block.split()) > 3, (script, block)  # a description, not the bare flag
+        assert script == "convert_gguf.py" or "(default:" in out, script

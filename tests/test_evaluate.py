@@ -247,7 +247,7 @@ def test_reports_tell_same_named_files_apart_and_plots_are_valid_xml(tmp_path):
     assert table[0].split("|")[3].strip() == "n" and max(len(l) for l in lines[0].splitlines()) < 100
     svg = ET.fromstring(open(tmp_path / "plot.svg").read())  # a legend of "r&d<v2>.jsonl" must not break it
     texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
-    assert "r&d<v2>.jsonl" in texts and "empty answer (0 words)" in texts and "Required vs. output length" in texts
+    assert "r&d<v2>.jsonl" in texts and "no countable words (0)" in texts and "Required vs. output length" in texts
     # axes fitted to the data (100 .. 10,000 words): ticks from 100 to 10,000, none at 10 or 100,000
     assert "100" in texts and "10,000" in texts and "10" not in texts and "100,000" not in texts
 
@@ -275,3 +275,63 @@ def test_predict_killed_mid_run_and_rerun_answers_every_prompt_once(tmp_path):
     after = [json.loads(l) for l in pred.read_text().splitlines()]
     assert sorted(p["index"] for p in after) == list(range(12))  # none twice, none lost
     assert [p["index"] for p in after[:len(first)]] == first  # what the killed run wrote is kept as it was
+
+
+def test_predict_never_reuses_answers_of_another_checkpoint_or_setting(tmp_path):
+    tiny_checkpoint(tmp_path / "base")
+    tiny_checkpoint(tmp_path / "sft")
+    Transformer(ModelConfig(vocab_size=Transformer.from_pretrained(str(tmp_path / "sft")).config.vocab_size, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=16)).save_pretrained(tmp_path / "sft")  # other weights, same folder name kind
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "length": n}) + "\n"
+                             for n in (100, 200, 300)))
+    pred = str(tmp_path / "pred.jsonl")
+    predict = lambda ckpt, *extra: subprocess.run(
+        [sys.executable, "evaluate.py", "predict", str(bench), "--checkpoint", str(tmp_path / ckpt), "--output", pred,
+         "--max-new-tokens", "12", "--batch-size", "2", *extra], cwd=ROOT, capture_output=True, text=True)
+    first = predict("base")
+    assert first.returncode == 0, first.stderr
+    rows = [json.loads(l) for l in open(pred)]
+    assert all(r["generation"]["model"] == "base" and r["generation"]["max_new_tokens"] == 12 and
+               r["finish_reason"] in ("stop", "length") for r in rows)
+    again = predict("base")
+    assert again.returncode == 0 and "reusing 3 answers" in again.stdout
+    other = predict("sft")
+    assert other.returncode != 0 and "made by other settings" in other.stderr and "--overwrite" in other.stderr
+    assert predict("base", "--temperature", "0.9").returncode != 0  # another setting: refused too
+    fresh = predict("sft", "--overwrite", "--limit", "2")
+    assert fresh.returncode == 0 and "2 predictions" in fresh.stdout
+    assert {json.loads(l)["generation"]["model"] for l in open(pred)} == {"sft"}
+    # the default output name says which model made it
+    default = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "predict", str(bench), "--checkpoint",
+                              str(tmp_path / "sft"), "--max-new-tokens", "5", "--limit", "1"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert default.returncode == 0 and (tmp_path / "bench.sft.pred.jsonl").exists(), default.stderr
+
+
+def test_predict_refuses_a_limit_past_the_context_before_decoding(tmp_path):
+    tiny_checkpoint(tmp_path / "ckpt")  # max_position_embeddings 4096
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"prompt": "write a 100 word essay about the sea .", "length": 100}) + "\n")
+    run = subprocess.run([sys.executable, "evaluate.py", "predict", str(bench), "--checkpoint", str(tmp_path / "ckpt"),
+                          "--output", str(tmp_path / "p.jsonl"), "--max-new-tokens", "5000"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "more than the model's context of 4096 tokens" in run.stderr
+    assert not (tmp_path / "p.jsonl").exists() or not (tmp_path / "p.jsonl").read_text()
+
+
+def test_report_counts_answers_cut_at_the_limit_per_bucket(tmp_path):
+    rows = [{"index": i, "prompt": "Write", "length": n, "response_length": n // 2, "finish_reason": f}
+            for i, (n, f) in enumerate([(100, "length"), (200, "stop"), (1000, "length"), (1000, "length")])]
+    path = preds_file(tmp_path / "p.jsonl", rows)
+    out = report([path], log=lambda s: None)
+    length = out["files"][path]["length"]
+    assert out["files"][path]["overall"]["cut"] == 3 and length["[0,500)"]["cut"] == 1 and length["[500,2000)"]["cut"] == 2
+    assert ruler(read_preds(path))["en"][1000]["cut"] == 2
+
+
+def test_the_plot_legend_names_zero_counted_words_not_empty_answers(tmp_path):
+    path = preds_file(tmp_path / "p.jsonl", [{"index": 0, "prompt": "Write", "length": 100, "response": "1234 !!"}])
+    report([path], plot=str(tmp_path / "p.svg"), log=lambda s: None)
+    assert "no countable words" in open(tmp_path / "p.svg").read()

