@@ -16,10 +16,23 @@ from dataset import chat_prompt_ids, count_words, load_tokenizer
 from model import KVCache, Transformer
 
 
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of probs (B, n), drawn by inverse CDF: the first index whose cumulative
+    probability passes a uniform draw. Exact (cumulated in float64), B random numbers instead of B x n,
+    and no host sync; zero-probability entries are never drawn."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+
+
 def sample(logits: torch.Tensor, temperature=1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Next token per row of logits (B, V). temperature 0 is greedy; a tensor (B,) gives each row its own.
 
-    Draws argmax(p / E) with E ~ Exponential(1), an exact sample from p that needs no host sync.
+    top_k keeps the k most likely tokens; top_p then keeps the smallest set, most likely first, whose
+    probability reaches top_p (after top_k, renormalized, as transformers orders them). That set is looked
+    for among the 256 most likely tokens first, and the search widens only for a batch where some row's
+    256 best hold less than top_p: sorting the whole vocabulary cost more than the model's own step at 16
+    rows on a CPU.
     """
     if isinstance(temperature, torch.Tensor):  # per row: greedy where <= 0, sampled elsewhere
         sampled = sample(logits / temperature.clamp_min(1e-6)[:, None], 1.0, top_k, top_p)
@@ -27,16 +40,22 @@ def sample(logits: torch.Tensor, temperature=1.0, top_k: int = 0, top_p: float =
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+    V = logits.shape[-1]
+    if top_k <= 0 and top_p >= 1.0:
+        return draw(logits.softmax(-1))
+    k = min(top_k, V) if top_k > 0 else min(256, V)
+    log_total = logits.logsumexp(-1, keepdim=True)
+    while True:
+        best, ids = logits.topk(k, dim=-1)  # (B, k), most likely first
+        p = (best - log_total).exp()  # their probabilities over the whole vocabulary
+        if top_k > 0 or top_p >= 1.0 or k == V or bool((p.sum(-1) >= top_p).all()):
+            break
+        k = min(V, 8 * k)  # some row's nucleus reaches past the k best: look further
+    if top_p < 1.0:
+        if top_k > 0:
+            p = p / p.sum(-1, keepdim=True)
+        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)
+    return ids.gather(-1, draw(p)[:, None])[:, 0]
 
 
 def decode_step(model, tokens, slot, start, slots):
@@ -66,13 +85,65 @@ def prefill(model, prompts: list[list[int]], cache_len: int):
     return model(ids, position_ids=position_ids, cache_pos=prompt_slots, mask=mask)[:, -1], start, slots
 
 
+def penalize(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty of CTRL (Keskar et al., 2019) over each row's recent tokens recent (B, N), -1
+    where a row has fewer: a token seen there has its logit divided by `penalty` when positive and
+    multiplied by it when negative. As in llama.cpp only the last N tokens count (transformers counts the
+    whole text, which in a 10,000-word answer penalizes every common word). Small models need it: without,
+    SmolLM2-135M repeats one sentence after a few hundred words."""
+    B, V = logits.shape
+    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+    seen = seen.scatter_(1, torch.where(recent >= 0, recent, V), True)[:, :V]  # column V takes the padding
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def no_repeat(out: list[int], seen: dict, n: int) -> set:
+    """The tokens that would complete an n-gram the answer `out` already holds (so loops of n tokens or
+    more cannot start again); `seen` maps each (n-1)-gram of out to the tokens that followed it and is
+    brought up to date with out's last token. A 3,500-word answer of SmolLM2-135M was one paragraph looping
+    for 2,000 words, longer than any penalty window: banning repeated 10-grams stops such loops."""
+    if n < 2:
+        return set()
+    if len(out) >= n:
+        seen.setdefault(tuple(out[-n:-1]), set()).add(out[-1])
+    return seen.get(tuple(out[-(n - 1):]), set()) if len(out) >= n - 1 else set()
+
+
+def forbid(logits: torch.Tensor, banned: list) -> torch.Tensor:
+    """logits with -inf at row b's banned tokens banned[b]."""
+    rows = [b for b, toks in enumerate(banned) for _ in toks]
+    if not rows:
+        return logits
+    cols = [t for toks in banned for t in toks]
+    return logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+                            torch.tensor(float("-inf"), device=logits.device))
+
+
+def recent_tokens(histories: list[list[int]], window: int, device) -> torch.Tensor:
+    """(B, window) tensor of each history's last `window` tokens, -1 where it is shorter."""
+    out = torch.full((len(histories), window), -1, dtype=torch.long)
+    for b, h in enumerate(histories):
+        if h and window:
+            tail = h[-window:]
+            out[b, :len(tail)] = torch.tensor(tail)
+    return out.to(device)
+
+
+def filled(n: int, block: int = 256) -> int:
+    """Cache slots an eager decode step reads when n are in use: n rounded up to a whole block."""
+    return -(-n // block) * block
+
+
 _compiled = {}
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, compile=False, on_tokens=None) -> list[list[int]]:
+             top_k=0, top_p=1.0, seed=0, compile=False, on_tokens=None, repetition_penalty=1.0,
+             repetition_window=64, no_repeat_ngram=0) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded). Prompts of different lengths are left-padded.
+    repetition_penalty > 1 penalizes the tokens among each row's last repetition_window (see penalize);
+    no_repeat_ngram = n >= 2 never lets an answer repeat one of its own n-grams (see no_repeat).
 
     on_tokens(list of B ints) is called after every step, e.g. to stream text.
     compile (CUDA): the decode step runs as a CUDA graph (torch.compile mode="reduce-overhead").
@@ -91,7 +162,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out = [[] for _ in range(B)]
     done = [False] * B
+    seen = [{} for _ in range(B)]
     for i in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            recent = recent_tokens([p[-repetition_window:] + o[-repetition_window:] for p, o in zip(prompts, out)],
+                                   repetition_window, device)
+            logits = penalize(logits, recent, repetition_penalty)
+        if no_repeat_ngram:
+            logits = forbid(logits, [no_repeat(o, s, no_repeat_ngram) for o, s in zip(out, seen)])
         tok = sample(logits, temperature, top_k, top_p)
         finished = torch.isin(tok, stop)
         toks, fin = tok.tolist(), finished.tolist()  # the one host sync per step
@@ -103,7 +181,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             on_tokens(toks)
         if all(done) or i == max_new_tokens - 1:
             break
-        logits = step(model, tok[:, None], slots[P + i:P + i + 1].clone(), start, slots)
+        # eager: attention reads only the filled part of the cache (rounded up to 256 slots); the compiled
+        # step keeps one shape, the whole cache, so that one CUDA graph serves every step
+        keys = slots if step is not decode_step else slots[:min(S, filled(P + i + 1))]
+        logits = step(model, tok[:, None], slots[P + i:P + i + 1].clone(), start, keys)
     for layer in model.layers:  # free the cache
         layer.self_attn.cache = None
     return out
@@ -184,14 +265,16 @@ def check_request(model, prompt, max_new_tokens, row_len, what="prompt"):
 
 
 @torch.no_grad()
-def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0, seed=0, compile=False):
+def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0, seed=0, compile=False,
+               repetition_penalty=1.0, repetition_window=64, no_repeat_ngram=0):
     """The continuous-batching loop. next_request(block) returns the next request
     (key, prompt ids, max_new_tokens, stop ids, temperature), or None: with block=False when none is waiting
     now, with block=True when none will come (the loop then ends once every row is done). Yields
     (key, new tokens without the stop token) as each answer ends. Same requests, seed and slots: same
     answers. Each step: sample every row (one host sync), hand out finished answers, prefill waiting
     prompts into free rows, one decode step: of fixed shape (slots, 1) when compiled, of the rows in use when
-    eager."""
+    eager. repetition_penalty > 1 penalizes each row's last repetition_window tokens (see penalize);
+    no_repeat_ngram = n >= 2 never lets an answer repeat one of its own n-grams (see no_repeat)."""
     device = model.embed_tokens.weight.device
     torch.manual_seed(seed)
     model.setup_cache(slots, row_len)
@@ -203,19 +286,20 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
     rows = [None] * slots  # per row: [key, prompt length, max_new, stop ids, tokens so far] or None when free
     temps, host_temps = torch.zeros(slots, device=device), [0.0] * slots
     logits = torch.zeros(slots, model.config.vocab_size, device=device)
-    exhausted = False
+    exhausted = drained = False
     try:
         while True:
             fresh = {}  # row -> prefill logits of a prompt admitted this step
             for r in range(slots):
                 while rows[r] is None and not exhausted:
                     req = next_request(not any(rows) and not fresh)  # block only when there is nothing to decode
+                    drained = req is None  # the last look found no request waiting
                     if req is None:
                         exhausted = not any(rows) and not fresh
                         break
                     key, prompt, max_new, stops, temperature = req
                     check_request(model, prompt, max_new, row_len, f"request {key}")
-                    rows[r] = [key, len(prompt), max_new, set(stops), []]
+                    rows[r] = [key, len(prompt), max_new, set(stops), [], prompt[-repetition_window:], {}]
                     fresh[r] = prefill_row(model, caches, r, prompt)
                     temps[r] = host_temps[r] = temperature
             if not any(rows):
@@ -225,6 +309,12 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                 for r, l in fresh.items():
                     logits[r] = l
             greedy = all(rows[r] is None or host_temps[r] <= 0 for r in range(slots))
+            if repetition_penalty != 1.0:
+                recent = recent_tokens([row[5] + row[4][-repetition_window:] if row else [] for row in rows],
+                                       repetition_window, device)
+                logits = penalize(logits, recent, repetition_penalty)
+            if no_repeat_ngram:
+                logits = forbid(logits, [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in rows])
             toks = sample(logits, 0.0 if greedy else temps, top_k, top_p)
             pos = []
             for r, t in enumerate(toks.tolist()):  # the one host sync per step
@@ -232,7 +322,7 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                 if row is None:
                     pos.append(0)
                     continue
-                key, n_prompt, max_new, stops, out = row
+                key, n_prompt, max_new, stops, out = row[:5]
                 if t not in stops:
                     out.append(t)
                 if t in stops or len(out) == max_new:
@@ -243,11 +333,22 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                 if compile:  # whole rows, one shape: one CUDA graph for every step
                     logits = step(model, toks[:, None], torch.tensor(pos, device=device), cache_slots)
                     continue
-                # eager: only the rows up to the last one in use (free rows are refilled lowest first, so one
-                # waiting request decodes one row), and only the filled part of the cache rounded up to a
-                # power of two, so that short answers do not pay for the longest row
-                n = max(r for r in range(slots) if rows[r] is not None) + 1
-                keys = min(row_len, 1 << max(pos).bit_length())
+                # eager: once no request is waiting, the rows in use move to the front (a row's filled cache is
+                # copied into a freed row below it); only the rows up to the last one in use are decoded, reading
+                # only the filled part of the cache: finished rows cost nothing, short answers do not pay for
+                # the longest one
+                free = [r for r in range(slots) if rows[r] is None] if drained else []
+                last = max(r for r in range(slots) if rows[r] is not None)
+                while free and free[0] < last:
+                    dst = free.pop(0)
+                    for cache in caches:
+                        cache.k[dst, :, :pos[last]] = cache.k[last, :, :pos[last]]
+                        cache.v[dst, :, :pos[last]] = cache.v[last, :, :pos[last]]
+                    toks[dst], temps[dst], host_temps[dst] = toks[last], temps[last], host_temps[last]
+                    rows[dst], rows[last], pos[dst], pos[last] = rows[last], None, pos[last], 0
+                    last = max(r for r in range(slots) if rows[r] is not None)
+                n = last + 1
+                keys = min(row_len, filled(max(pos) + 1))
                 for layer, cache in zip(model.layers, caches):
                     layer.self_attn.cache = KVCache(cache.k[:n], cache.v[:n])
                 try:
@@ -262,7 +363,7 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
 
 
 def generate_many(model, prompts: list[list[int]], max_new_tokens, stop_ids=(), slots=8, temperature=0.0, top_k=0,
-                  top_p=1.0, seed=0, compile=False):
+                  top_p=1.0, seed=0, compile=False, repetition_penalty=1.0, repetition_window=64, no_repeat_ngram=0):
     """Continuous batching over a list of prompts: yields (index, new tokens) in the order answers end.
     max_new_tokens and stop_ids are one value for all or one per prompt. Every prompt is checked against the
     row length and the window before decoding starts."""
@@ -277,7 +378,7 @@ def generate_many(model, prompts: list[list[int]], max_new_tokens, stop_ids=(), 
         check_request(model, p, m, row_len, f"prompt {i}")
     waiting = iter([(i, prompts[i], max_new[i], stops[i], temperature) for i in range(n)])
     yield from continuous(model, lambda block: next(waiting, None), min(slots, n), row_len, top_k, top_p, seed,
-                          compile)
+                          compile, repetition_penalty, repetition_window, no_repeat_ngram)
 
 
 class Streamer:
@@ -312,6 +413,8 @@ class GenerateConfig:
     temperature: float = 0.5
     top_p: float = 0.8
     top_k: int = 0
+    repetition_penalty: float = 1.0  # > 1 penalizes the last 64 tokens (1.1 for small models)
+    no_repeat_ngram: int = 0  # >= 2: the answer never repeats one of its own n-grams (10 stops small models' loops)
     seed: int = 0
     template: str = ""        # chat template name; empty: detect from the tokenizer files
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -338,7 +441,8 @@ def main():
     streamer = Streamer(tokenizer, tokenizer.stop_ids)
     t0 = time.perf_counter()
     out = generate(model, [prompt], max_new, tokenizer.stop_ids, cfg.temperature, cfg.top_k, cfg.top_p,
-                   cfg.seed, cfg.compile, on_tokens=streamer)[0]
+                   cfg.seed, cfg.compile, on_tokens=streamer, repetition_penalty=cfg.repetition_penalty,
+                   no_repeat_ngram=cfg.no_repeat_ngram)[0]
     dt = time.perf_counter() - t0
     text = tokenizer.decode(out)
     ended = "a stop token" if finish_reason(out, max_new) == "stop" else f"the max_new_tokens limit ({max_new}): cut"

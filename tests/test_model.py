@@ -8,10 +8,12 @@ import pytest
 import torch
 import transformers
 
+from cli import run_cli
 from dataset import build_tokenizer
-from generate import context_of, finish_reason, fit_new_tokens, generate, generate_many, sample
+from generate import (context_of, finish_reason, fit_new_tokens, generate, generate_many, no_repeat, penalize,
+                      sample)
 from hf_models import BASE, CASES, make_hf_model, save_hf_model
-from model import ModelConfig, Transformer, token_logprobs
+from model import Linear, ModelConfig, Transformer, token_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,13 +73,14 @@ def test_packed_row_equals_documents_run_separately(checkpoints):
             assert torch.allclose(packed_lp[0, a:b], model(doc, targets=targets[:, a:b])[0], atol=1e-5)
 
 
-def test_chunked_logprobs_equal_full_softmax_with_gradients():
+@pytest.mark.parametrize("full_logits_max", [0, 2**28])  # chunked and recomputed; small enough to keep whole
+def test_chunked_logprobs_equal_full_softmax_with_gradients(full_logits_max):
     torch.manual_seed(0)
     h = torch.randn(50, 16, requires_grad=True)
     w = torch.randn(40, 16, requires_grad=True)
     t = torch.randint(0, 40, (50,))
     t[::7] = -100
-    lp = token_logprobs(h, w, t, chunk=8)
+    lp = token_logprobs(h, w, t, chunk=8, full_logits_max=full_logits_max)
     full = torch.log_softmax(h @ w.T, -1).gather(1, t.clamp_min(0)[:, None])[:, 0] * (t != -100)
     assert torch.allclose(lp, full, atol=1e-5)
     g1 = torch.autograd.grad(lp.sum(), (h, w))
@@ -151,6 +154,22 @@ def test_top_p_and_top_k_never_draw_outside_the_kept_set():
     assert abs(freq - torch.softmax(logits[0], -1)[0].item()) < 0.04
 
 
+def test_top_p_keeps_the_nucleus_of_the_whole_vocabulary_when_it_reaches_past_the_256_best():
+    torch.manual_seed(0)
+    V = 5000
+    flat = -0.002 * torch.arange(V, dtype=torch.float32)  # nearly flat: the 0.9 nucleus is ~2,000 tokens long
+    peaked = torch.full((V,), -30.0)
+    peaked[7], peaked[3] = 5.0, 4.0
+    p = flat.softmax(-1)
+    nucleus = int(((p.cumsum(-1) - p) <= 0.9).sum())  # reference: the whole vocabulary sorted
+    assert nucleus > 1000
+    draws = sample(torch.stack([flat, peaked]).repeat(4000, 1), 1.0, top_p=0.9).view(4000, 2)
+    assert draws[:, 0].max() < nucleus and draws[:, 0].max() > nucleus - 30  # all of it, nothing past it
+    assert set(draws[:, 1].tolist()) == {7, 3}
+    both = sample(torch.stack([flat, peaked]).repeat(2000, 1), 1.0, top_k=1500, top_p=0.9).view(2000, 2)
+    assert both[:, 0].max() < 1500 and set(both[:, 1].tolist()) == {7, 3}
+
+
 def test_save_pretrained_round_trips_through_transformers(checkpoints, tmp_path):
     for name in ("llama-bias-tied", "glm", "qwen2"):
         path, hf = checkpoints[name]
@@ -190,8 +209,8 @@ def test_generate_cli_streams_an_answer_and_reports_a_summary(checkpoints, tmp_p
     model = Transformer.from_pretrained(checkpoints["llama"][0])
     model.save_pretrained(tmp_path)
     build_tokenizer(str(tmp_path), [" ".join(f"w{i}" for i in range(50))])  # 156 tokens < vocab 160
-    run = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path), "--prompt", "w1 w2 w3",
-                          "--max-new-tokens", "40", "--temperature", "0"], cwd=ROOT, capture_output=True, text=True)
+    run = run_cli("generate.py", "--checkpoint", tmp_path, "--prompt", "w1 w2 w3", "--max-new-tokens", "40",
+                  "--temperature", "0", "--device", "cpu", "--dtype", "float32")
     assert run.returncode == 0, run.stderr
     words = run.stdout.split()
     vocab = json.load(open(tmp_path / "tokenizer.json"))["model"]["vocab"]
@@ -200,8 +219,7 @@ def test_generate_cli_streams_an_answer_and_reports_a_summary(checkpoints, tmp_p
 
 
 def test_generate_cli_gives_a_clear_error_for_a_bad_folder(tmp_path):
-    run = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = run_cli("generate.py", "--checkpoint", tmp_path)
     assert run.returncode != 0 and "error:" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -311,11 +329,73 @@ def test_freed_rows_are_reused_and_per_prompt_limits_hold(checkpoints, monkeypat
     assert got == {i: free_runs(model, [p], m)[0] for i, (p, m) in enumerate(zip(prompts, limits))}
 
 
+def test_once_nothing_waits_finished_rows_cost_nothing_and_answers_stay_the_same(checkpoints, monkeypatch):
+    import generate as gen
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16]]
+    limits = [3, 25, 6, 12]  # rows 0 and 2 end first; row 3 moves down, then row 1 is alone
+    widths = []
+    real = gen.decode_rows
+    monkeypatch.setattr(gen, "decode_rows", lambda m, t, p, s: widths.append(t.shape[0]) or real(m, t, p, s))
+    got = dict(generate_many(model, prompts, limits, stop_ids=[9999], slots=4))
+    assert got == {i: free_runs(model, [p], m)[0] for i, (p, m) in enumerate(zip(prompts, limits))}
+    assert widths[0] == 4 and widths[-1] == 1 and widths.count(2) == 6  # 2 rows from step 6 to 11, then 1
+
+
 def test_continuous_sampling_is_reproducible_for_the_same_seed_and_slots(checkpoints):
     model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     run = lambda seed: dict(generate_many(model, prompts, 20, slots=2, temperature=1.0, seed=seed))
     assert run(0) == run(0) and run(0) != run(1)
+
+
+def test_the_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_tokens_only():
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5, -2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    recent = torch.tensor([[0, 1, 0, -1], [4, -1, -1, -1]])  # -1: a row with fewer recent tokens
+    out = penalize(logits, recent, 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 3.0, 0.5, -2.0], [1.0, 1.0, 1.0, 1.0, 0.5]]))
+
+
+def test_penalized_greedy_answers_agree_between_static_and_continuous_batching_and_repeat_less(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    plain = [generate(model, [p], 40, temperature=0)[0] for p in prompts]
+    static = [generate(model, [p], 40, temperature=0, repetition_penalty=1.5, repetition_window=8)[0] for p in prompts]
+    got = dict(generate_many(model, prompts, 40, slots=2, repetition_penalty=1.5, repetition_window=8))
+    assert [got[i] for i in range(3)] == static != plain
+    repeats = lambda runs: sum(len(r) - len(set(zip(r, r[1:]))) for r in runs)  # bigrams seen before
+    assert repeats(static) < repeats(plain)
+
+
+def test_no_repeat_bans_exactly_the_tokens_that_would_repeat_an_n_gram():
+    seen, out = {}, []
+    banned = []
+    for t in [1, 2, 3, 1, 2]:
+        out.append(t)
+        banned.append(no_repeat(out, seen, 3))
+    assert banned == [set(), set(), set(), set(), {3}]  # "1 2" was followed by 3: "1 2 3" may not come again
+    assert no_repeat([1, 2, 3], {}, 0) == set()
+
+
+def test_no_answer_repeats_an_n_gram_and_static_and_continuous_batching_agree(checkpoints):
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    plain = [generate(model, [p], 60, temperature=0)[0] for p in prompts]
+    static = [generate(model, [p], 60, temperature=0, no_repeat_ngram=4)[0] for p in prompts]
+    got = dict(generate_many(model, prompts, 60, slots=2, no_repeat_ngram=4))
+    grams = lambda r: [tuple(r[i:i + 4]) for i in range(len(r) - 3)]
+    assert any(len(set(grams(r))) < len(grams(r)) for r in plain)  # greedy decoding of a random model loops
+    assert all(len(set(grams(r))) == len(grams(r)) for r in static)  # no 4-gram twice
+    assert [got[i] for i in range(3)] == static
+
+
+def test_the_few_row_cpu_linear_equals_nn_linear():
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=True)
+    for shape in [(1, 1, 24), (3, 5, 24), (200, 24)]:  # decode rows, a short prefill, more rows than 128
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
 
 
 def test_a_request_that_cannot_fit_is_refused_before_any_decoding(checkpoints):
