@@ -58,6 +58,10 @@ count the plan gives. The paragraph may begin with a short subtitle if the piece
 new paragraph alone: repeat nothing already written, and add no notes or word counts. Keep summaries, \
 conclusions and appeals to the reader for the plan's last paragraph."""
 
+SECTION_PROMPT = """Here is a writing request: {instruction}
+
+Write the part of the piece that covers {point}, in about {words} words."""
+
 MAX_STEPS = 50
 
 
@@ -199,6 +203,41 @@ def fill(template: str, **values) -> str:
 
 
 # -----------------------------------------------------------------------------
+# skeleton plans, for writers too small to plan: asked for a plan (or a list of section titles),
+# SmolLM2-135M writes an essay. The code lays out the sections, their points and word counts from the
+# asked length and the kind of piece, and a short prompt (SECTION_PROMPT) asks for one section at a time.
+
+ASKED_RE = re.compile(rf"({NUM})\s*-?\s*(?:words?\b|字)", re.I)
+STORY_RE = re.compile(r"\b(?:stor(?:y|ies)|tale|novel|fiction|fable|narrative)\b|小说|故事", re.I)
+STORY_PARTS = ["the setting and the main character", "the trouble that starts the story", "a first attempt that fails",
+               "a discovery that changes things", "the hardest moment", "the turning point", "what the change costs"]
+ESSAY_PARTS = ["its background and history", "how it works", "the main examples", "the benefits it brings",
+               "the problems and debates around it", "its effect on people's lives", "what the future may hold"]
+
+
+def asked_words(source: dict) -> int:
+    """The length an instruction asks for: its "length" field, else the largest "N words" / "N-word" /
+    "N字" in its prompt; 0 when it names none."""
+    if isinstance(source.get("length"), (int, float)) and source["length"] > 0:
+        return int(source["length"])
+    return max((int(m.group(1).replace(",", "")) for m in ASKED_RE.finditer(source["prompt"])), default=0)
+
+
+def skeleton_plan(instruction: str, words: int, section_words: int) -> list[dict]:
+    """round(words / section_words) sections (at least one) whose counts add up to `words`: an opening, the
+    middle parts of a story or of an essay (by the instruction's wording), and an ending."""
+    n = max(1, round(words / section_words))
+    story = bool(STORY_RE.search(instruction))
+    middle = STORY_PARTS if story else ESSAY_PARTS
+    points = [middle[k % len(middle)] + (f" (part {k // len(middle) + 1})" if k >= len(middle) else "")
+              for k in range(max(0, n - 2))]
+    opening = "the opening, which sets the scene" if story else "an introduction to the subject and why it matters"
+    ending = "the ending, where the story is resolved" if story else "a conclusion that draws the piece together"
+    points = ([opening] + points + [ending])[:n] if n > 1 else ["the whole piece"]
+    return [{"point": p, "words": words // n + (1 if i < words % n else 0)} for i, p in enumerate(points)]
+
+
+# -----------------------------------------------------------------------------
 # backends: an OpenAI-compatible endpoint, or our own model in-process
 
 class APIError(Exception):
@@ -272,7 +311,7 @@ class LocalClient:
     rows in use are decoded (eagerly), so one waiting call costs one row, up to max_batch rows at once."""
 
     def __init__(self, checkpoint, device=None, max_batch=8, template=None, system="", context=0, row_len=32768,
-                 seed=0):
+                 seed=0, repetition_penalty=1.0, no_repeat_ngram=0):
         import torch
         from dataset import load_tokenizer
         from generate import context_of
@@ -283,6 +322,7 @@ class LocalClient:
         self.model = Transformer.from_pretrained(checkpoint, dtype, device).eval()
         self.compile, self.system = device.startswith("cuda"), system
         self.max_batch, self.seed, self.requests = max_batch, seed, queue.Queue()
+        self.repetition_penalty, self.no_repeat_ngram = repetition_penalty, no_repeat_ngram
         # a cache row: the model's context (or --context), at most row_len tokens (the cache holds max_batch rows)
         self.row_len = min(row_len, context_of(self.model, context))
         threading.Thread(target=self.serve, daemon=True).start()
@@ -322,7 +362,9 @@ class LocalClient:
         while True:  # a failure fails the calls in flight, then serving goes on
             try:
                 for done, ids in continuous(self.model, next_request, self.max_batch, self.row_len, top_p=0.8,
-                                            seed=self.seed, compile=self.compile):
+                                            seed=self.seed, compile=self.compile,
+                                            repetition_penalty=self.repetition_penalty,
+                                            no_repeat_ngram=self.no_repeat_ngram):
                     pending.discard(done)
                     done.set_result(ids)
             except Exception as e:  # noqa: BLE001 - hand the error to the waiting callers
@@ -414,11 +456,18 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
                            f"(the plans are kept in the cache file)")
         attempt += 1
         log(f"{name}: planning (attempt {attempt} of {cfg.plan_attempts})")
-        text = client.chat([{"role": "user", "content": fill(cfg.plan_template, instruction=instruction)}],
-                           max_tokens=cfg.plan_tokens, temperature=cfg.temperature)
-        steps = parse_plan(text)
-        if not steps or len(steps) > MAX_STEPS:
+        if cfg.plan == "skeleton":  # laid out by the code: nothing to ask, nothing to reject
+            words = asked_words(source)
+            if not words:
+                raise APIError('--plan skeleton needs the asked length: a "length" field or "N words" in the prompt')
+            steps = skeleton_plan(instruction, words, cfg.section_words)
+            text, problem = plan_text(steps), ""
+        else:
+            text = client.chat([{"role": "user", "content": fill(cfg.plan_template, instruction=instruction)}],
+                               max_tokens=cfg.plan_tokens, temperature=cfg.temperature)
+            steps = parse_plan(text)
             problem = f"{len(steps)} parseable steps (1 to {MAX_STEPS} needed)"
+        if not steps or len(steps) > MAX_STEPS:
             done["plan_problem"] = problem
             cache.append({"key": key, "kind": "plan_rejected", "reason": problem, "text": text})
             log(f"{name}: plan rejected: {problem}; it began {text.strip()[:80]!r}")
@@ -432,7 +481,8 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             continue
         written = "\n\n".join(paragraphs[j] for j in range(i))
         prompt = fill(cfg.write_template, instruction=instruction, plan=plan_text(steps), text=written,
-                      step=f"paragraph {i + 1} of {len(steps)} ({step['point']}; {step['words']} words)")
+                      step=f"paragraph {i + 1} of {len(steps)} ({step['point']}; {step['words']} words)",
+                      point=step["point"], words=str(step["words"]))
         text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=3 * step["words"] + 200,
                                        temperature=cfg.temperature)
         text = text.strip()
@@ -442,7 +492,8 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
         paragraphs[i] = kept
         cache.append({"key": key, "kind": "paragraph", "i": i, "text": kept, "finish_reason": finish,
                       "trimmed": kept != text})
-        done.setdefault("trimmed", set()).add(i) if kept != text else None
+        if kept != text:
+            done.setdefault("trimmed", set()).add(i)
         log(f"{name}: paragraph {i + 1} of {len(steps)}: {count_words(kept)} words (planned {step['words']})"
             + (", cut back to its last full sentence" if kept != text else ""))
     answer = "\n\n".join(paragraphs[i] for i in range(len(steps)))
@@ -468,6 +519,11 @@ class AgentConfig:
     timeout: float = 600.0               # seconds per call
     backoff: float = 1.0
     temperature: float = 0.7
+    plan: str = "model"                  # model: the writer plans (the paper's way); skeleton: the code lays out
+                                         # sections and counts from the asked length (for small local writers)
+    section_words: int = 350             # --plan skeleton: about this many words a section
+    repetition_penalty: float = 1.0      # --checkpoint: > 1 penalizes the last 64 tokens (1.1 for small models)
+    no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call
     plan_attempts: int = 3               # plans asked per item before it fails (rejected ones stay in the cache)
     min_ratio: float = 0.5               # drop answers shorter than this x the planned words
@@ -475,25 +531,34 @@ class AgentConfig:
     system: str = ""                     # --checkpoint: system turn; empty: the chat template's default (if any)
     context: int = 0                     # --checkpoint: > 0, a smaller context than the model's
     plan_template: str = PLAN_PROMPT
-    write_template: str = WRITE_PROMPT
+    write_template: str = WRITE_PROMPT   # with --plan skeleton and no --write-prompt: SECTION_PROMPT
 
 
 def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Process every instruction not yet in the output; returns the summary counts."""
+    if cfg.plan not in ("model", "skeleton"):
+        raise ValueError(f"--plan must be model or skeleton, not {cfg.plan!r}")
+    if cfg.section_words < 1:
+        raise ValueError("--section-words must be positive")
+    if cfg.plan == "skeleton" and not cfg.write_prompt and cfg.write_template == WRITE_PROMPT:
+        cfg.write_template = SECTION_PROMPT  # a small writer follows a short, direct request best
     for name in ("plan_prompt", "write_prompt"):
         path = getattr(cfg, name)
         if path:
             with open(path, encoding="utf-8") as f:
                 setattr(cfg, name.replace("prompt", "template"), f.read())
+    # the paper's write call sees the plan and the text so far; a skeleton's section call may leave them out
+    write_markers = ("instruction", "point") if cfg.plan == "skeleton" else ("instruction", "plan", "text", "step")
     for name, template, markers in (("plan", cfg.plan_template, ("instruction",)),
-                                    ("write", cfg.write_template, ("instruction", "plan", "text", "step"))):
-        if missing := [m for m in markers if "{" + m + "}" not in template]:
+                                    ("write", cfg.write_template, write_markers)):
+        if missing := [m for m in markers if "{" + m + "}" not in template and not (m == "point" and "{step}" in template)]:
             raise ValueError(f"{getattr(cfg, name + '_prompt') or name + ' prompt'}: no {{{missing[0]}}} marker "
                              f"(the {name} prompt needs {', '.join('{' + m + '}' for m in markers)})")
     items = read_instructions(cfg.input)
     if client is None:
         if cfg.checkpoint:
-            client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context)
+            client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context,
+                                 repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
         else:
             client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                 cfg.max_retries, cfg.backoff)

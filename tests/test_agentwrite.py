@@ -438,3 +438,74 @@ def test_a_cut_paragraph_is_trimmed_and_recorded(tmp_path):
     assert record["trimmed_paragraphs"] == [1] and record["paragraph_words"][1] == 21
     assert record["messages"][1]["content"].split("\n\n")[1].endswith("stop.")
     server.close()
+
+
+# -----------------------------------------------------------------------------
+# skeleton plans, for writers too small to plan
+
+@pytest.mark.parametrize("source,expected", [
+    ({"prompt": "Write a 2,000-word essay on tides."}, 2000),
+    ({"prompt": "A Hong Kong Travel Guide, approximately 3000 words"}, 3000),
+    ({"prompt": "写一篇1000字的中国旅游指南"}, 1000),
+    ({"prompt": "Write 300 words, then 5000 words more."}, 5000),  # the largest count
+    ({"prompt": "Write about tides.", "length": 800}, 800),  # the benchmark's field wins
+    ({"prompt": "Write about tides for 3 readers."}, 0),
+])
+def test_the_asked_length_is_read_from_the_field_or_the_prompt(source, expected):
+    from agentwrite import asked_words
+    assert asked_words(source) == expected
+
+
+def test_skeleton_plans_lay_out_sections_of_the_asked_length_by_the_kind_of_piece():
+    from agentwrite import skeleton_plan
+    story = skeleton_plan("Write a story about a lighthouse keeper.", 1000, 350)
+    assert [s["words"] for s in story] == [334, 333, 333]
+    assert [s["point"] for s in story] == ["the opening, which sets the scene", "the setting and the main character",
+                                           "the ending, where the story is resolved"]
+    essay = skeleton_plan("Write a report on tides.", 2000, 350)
+    assert len(essay) == 6 and sum(s["words"] for s in essay) == 2000
+    assert essay[0]["point"].startswith("an introduction") and essay[-1]["point"].startswith("a conclusion")
+    assert len({s["point"] for s in essay}) == 6  # no section repeats another's point
+    long = skeleton_plan("Write an essay on tides.", 5000, 350)
+    assert len(long) == 14 and len({s["point"] for s in long}) == 14 and "(part 2)" in long[-2]["point"]
+    assert skeleton_plan("Write 200 words on tides.", 200, 350) == [{"point": "the whole piece", "words": 200}]
+
+
+class SectionWriter:
+    """A local-style client that answers each section request with the words it asks for, as sentences."""
+
+    def __init__(self):
+        self.calls = []
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        import re
+        content = messages[-1]["content"]
+        self.calls.append(content)
+        n = int(re.search(r"in about (\d+) words", content).group(1))
+        return " ".join(["Tides rise and fall twice a day."] * (n // 7)), "stop"
+
+    def chat(self, messages, max_tokens, temperature=0.7):
+        return self.complete(messages, max_tokens, temperature)[0]
+
+
+def test_a_skeleton_run_makes_no_planning_call_and_one_short_request_per_section(tmp_path):
+    from agentwrite import SECTION_PROMPT, skeleton_plan
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides.", "id": "tides"}) + "\n"
+                      + json.dumps({"prompt": "Write an essay on waves.", "id": "no-length"}) + "\n")
+    writer, lines = SectionWriter(), []
+    counts = run(AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton", workers=1),
+                 client=writer, log=lines.append)
+    assert counts["done"] == 1 and counts["failed"] == 1
+    plan = skeleton_plan("Write a 1,050-word essay on tides.", 1050, 350)
+    assert writer.calls == [fill(SECTION_PROMPT, instruction="Write a 1,050-word essay on tides.", point=s["point"],
+                                 words=str(s["words"])) for s in plan]  # no plan call; the short prompt, as written
+    record = json.loads(open(tmp_path / "out.jsonl").read())
+    assert record["id"] == "tides" and record["plan"] == plan and record["paragraph_words"] == [350, 350, 350]
+    assert any(l.startswith('no-length: failed: --plan skeleton needs the asked length') for l in lines)
+    # a skeleton's own --write-prompt needs the instruction and the section's point, not the plan or the text
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Write about {instruction}.")
+    with pytest.raises(ValueError, match=r"bad.txt: no \{point\} marker"):
+        run(AgentConfig(input=str(inputs), output=str(tmp_path / "o2.jsonl"), plan="skeleton", write_prompt=str(bad)),
+            client=writer, log=quiet)
