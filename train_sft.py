@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "bfloat16"     # compute dtype on CUDA (weights and optimizer stay float32)
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
+    freeze_layers: int = 0      # > 0: embeddings and the first N blocks stay fixed (0: full fine-tuning, the paper's)
     compile: bool = False       # torch.compile the MLPs (attention's per-document loop stays eager)
     # checkpoints and logs
     save_every: int = 0         # steps; 0: only at the end
@@ -293,8 +294,8 @@ def load_checkpoint(model, optimizer, path: str) -> int:
 
 # settings that define what a run computes: a resumed run must have the same ones
 RUN_DEFINING = ("model", "data", "tokenizer", "template", "max_tokens", "packing", "truncate", "skip_bad",
-                "loss_reduction", "epochs", "max_steps", "batch_rows", "lr", "min_lr", "warmup", "weight_decay",
-                "beta1", "beta2", "grad_clip", "seed", "beta", "nll_weight", "live_reference")
+                "freeze_layers", "loss_reduction", "epochs", "max_steps", "batch_rows", "lr", "min_lr", "warmup",
+                "weight_decay", "beta1", "beta2", "grad_clip", "seed", "beta", "nll_weight", "live_reference")
 
 
 def check_out_dir(cfg, rank: int):
@@ -375,7 +376,20 @@ def prepare(cfg, kind="sft", write_default_data=None):
     compute_dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
     model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype, cfg.checkpointing, cfg.compile,
                         load=not cfg.resume)
+    freeze(model, cfg.freeze_layers)
     return rank, world, device, tokenizer, packed, model
+
+
+def freeze(model, n_layers: int):
+    """Fix the embeddings (a tied LM head with them) and the first n_layers blocks: backward stops above them
+    and AdamW keeps no state for them. Training the top 10 of SmolLM2-135M's 30 blocks ran a step 1.7x faster
+    on a 2-core CPU than training all of them."""
+    if not 0 <= n_layers <= len(model.layers):
+        raise ValueError(f"--freeze-layers {n_layers}: the model has {len(model.layers)} blocks")
+    if n_layers:
+        model.embed_tokens.requires_grad_(False)
+        for block in model.layers[:n_layers]:
+            block.requires_grad_(False)
 
 
 def autocast_for(cfg, device, world):
@@ -407,8 +421,9 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
     steps_per_epoch = len(packed) // cfg.batch_rows
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     on_cuda = device.type == "cuda"
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=on_cuda)
@@ -427,7 +442,9 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
         os.replace(log_path + ".tmp", log_path)
     mcfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    log0(f"{mcfg.model_type} model, {n_params / 1e6:.2f}M parameters on {world} x {device.type}; {len(packed)} rows, "
+    n_trained = sum(p.numel() for p in trained)
+    frozen = f" ({n_trained / 1e6:.2f}M trained)" if n_trained < n_params else ""
+    log0(f"{mcfg.model_type} model, {n_params / 1e6:.2f}M parameters{frozen} on {world} x {device.type}; {len(packed)} rows, "
          f"{steps_per_epoch} steps/epoch, {total} steps")
     peak_flops = 989e12 * world  # H100 SXM dense bf16
     records, t_start = [], time.perf_counter()
@@ -441,7 +458,7 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"step {step + 1}: loss is {loss_value}; stopping. Last good checkpoint: "
                                      f"{last_good or 'none yet'} (untouched)")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(grad_norm):  # one inf gradient would make every weight NaN
             raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm}; stopping before the update. "

@@ -133,6 +133,21 @@ def test_resumed_run_equals_the_uninterrupted_one(corpus, tmp_path):
     assert [json.loads(l)["step"] for l in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
+def test_frozen_layers_keep_their_weights_and_a_frozen_run_resumes_exactly(corpus, tmp_path):
+    straight = run(corpus, tmp_path / "straight", freeze_layers=1)
+    first = run(corpus, tmp_path / "cut", freeze_layers=1, stop_at=2)
+    assert run(corpus, tmp_path / "cut", freeze_layers=1, resume=True) == straight[2:] and first == straight[:2]
+    vocab = Transformer.from_pretrained(tmp_path / "straight" / "step_4").config.vocab_size
+    start = train_sft.build_model(train_sft.model_config("tiny", vocab)[0], None, 0, 1, torch.device("cpu"),
+                                  torch.float32).state_dict()
+    end = Transformer.from_pretrained(tmp_path / "straight" / "step_4").state_dict()
+    fixed = [k for k in start if k.startswith(("embed_tokens", "lm_head", "layers.0."))]
+    assert len(fixed) > 3 and all(torch.equal(start[k], end[k]) for k in fixed)  # embeddings, tied head, block 0
+    assert all(not torch.equal(start[k], end[k]) for k in start if k.startswith("layers.1."))
+    with pytest.raises(ValueError, match="--freeze-layers 3: the model has 2 blocks"):
+        run(corpus, tmp_path / "bad", freeze_layers=3)
+
+
 def test_a_tiny_model_drives_its_loss_well_down(corpus, tmp_path):
     losses = run(corpus, tmp_path, max_steps=80, lr=5e-3)
     assert losses[0] > 5.0 and losses[-1] < 0.4 * losses[0]  # from ~ln(vocab) to well under half
