@@ -182,13 +182,20 @@ def resume_predictions(out_path, settings: list[dict], overwrite=False, log=prin
     return done
 
 
-def generation_record(model_id: dict, max_new: int, temperature, top_p, seed, system) -> dict:
-    return {**model_id, "max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed,
-            "system": system}
+def generation_record(model_id: dict, max_new: int, temperature, top_p, seed, system, repetition_penalty=1.0,
+                      no_repeat_ngram=0) -> dict:
+    record = {**model_id, "max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed,
+              "system": system}
+    if repetition_penalty != 1.0:  # only when used, so that files written before they existed still resume
+        record["repetition_penalty"] = repetition_penalty
+    if no_repeat_ngram:
+        record["no_repeat_ngram"] = no_repeat_ngram
+    return record
 
 
 def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5, top_p=0.8, batch_size=8,
-                  seed=0, compile=False, model_id=None, system="", context=0, overwrite=False, log=print):
+                  seed=0, compile=False, model_id=None, system="", context=0, overwrite=False, log=print,
+                  repetition_penalty=1.0, no_repeat_ngram=0):
     """Answer every benchmark row with our model by continuous batching over `batch_size` rows. max_new_tokens:
     one for all or one per row; 0 fills the context (prompt + answer = the model's context, or --context),
     and a limit that does not fit is refused before decoding. Each answer is appended to out_path as soon as
@@ -202,12 +209,14 @@ def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5,
     if any(m <= 0 for m in (max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens])):
         log(f"predict: max_new_tokens fills the context: {min(limits)}-{max(limits)} new tokens per row")
     model_id = model_id or {"model": "unnamed"}
-    settings = [generation_record(model_id, m, temperature, top_p, seed, system) for m in limits]
+    settings = [generation_record(model_id, m, temperature, top_p, seed, system, repetition_penalty, no_repeat_ngram)
+                for m in limits]
     done = resume_predictions(out_path, settings, overwrite, log)
     out = JsonlLog(out_path)
     todo = [i for i in range(len(rows)) if i not in done]
     answers = generate_many(model, [prompts[i] for i in todo], [limits[i] for i in todo], tok.stop_ids, batch_size,
-                            temperature, top_p=top_p, seed=seed, compile=compile) if todo else []
+                            temperature, top_p=top_p, seed=seed, compile=compile,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram) if todo else []
     for n, (k, ids) in enumerate(answers, 1):
         i = todo[k]
         text = tok.decode(ids)
@@ -468,6 +477,8 @@ class EvalConfig:
     template: str = ""          # predict: chat template name; empty: detect from the tokenizer files
     temperature: float = 0.5
     top_p: float = 0.8
+    repetition_penalty: float = 1.0  # predict with --checkpoint: > 1 penalizes each answer's last 64 tokens
+    no_repeat_ngram: int = 0    # predict with --checkpoint: >= 2, no answer repeats one of its own n-grams
     batch_size: int = 8         # predict with --checkpoint: rows decoded at once (continuous batching)
     workers: int = 8            # endpoint calls at once
     max_retries: int = 5
@@ -508,7 +519,8 @@ def main():
                 preds = predict_local(model, tok, rows, output, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                       cfg.batch_size, cfg.seed, compile=device == "cuda",
                                       model_id=checkpoint_identity(cfg.checkpoint), system=cfg.system,
-                                      context=cfg.context, overwrite=cfg.overwrite)
+                                      context=cfg.context, overwrite=cfg.overwrite,
+                                      repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
             elif cfg.model:
                 preds = predict_api(client(cfg.model), rows, output, cfg.max_new_tokens, cfg.temperature, cfg.workers,
                                     overwrite=cfg.overwrite)

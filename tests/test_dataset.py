@@ -285,14 +285,15 @@ def test_a_missing_tokenizer_points_to_the_flag(tmp_path):
         Tokenizer(str(tmp_path))
 
 
-def test_every_script_explains_its_flags_and_defaults():
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for script, flag in [("train_sft.py", "--loss-reduction"), ("train_dpo.py", "--min-margin"), ("evaluate.py", "--limit"),
-                         ("agentwrite.py", "--max-ratio"), ("generate.py", "--max-new-tokens"), ("demo.py", "--short-cap"),
-                         ("dataset.py", "--max-tokens"), ("convert_gguf.py", "--smollm2")]:
-        out = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True, text=True).stdout
-        block = out[out.index(flag):].split("\n  --")[0]
-        assert len(block.split()) > 3, (script, block)  # a description, not the bare flag
-        assert script == "convert_gguf.py" or "(default:" in out, script
+@pytest.mark.parametrize("script,flag", [
+    ("train_sft.py", "--loss-reduction"), ("train_sft.py", "--freeze-layers"), ("train_dpo.py", "--min-margin"),
+    ("evaluate.py", "--limit"), ("evaluate.py", "--repetition-penalty"), ("agentwrite.py", "--max-ratio"),
+    ("agentwrite.py", "--plan"), ("generate.py", "--max-new-tokens"), ("demo.py", "--short-cap"), ("demo.py", "--real"),
+    ("dataset.py", "--max-tokens"), ("convert_gguf.py", "--smollm2")])
+def test_every_script_explains_its_flags_and_defaults(script, flag):
+    from cli import run_cli
+    run = run_cli(script, "--help")
+    assert run.returncode == 0, run.stderr
+    block = run.stdout[run.stdout.index(flag):].split("\n  --")[0]
+    assert len(block.split()) > 3, (script, block)  # a description, not the bare flag
+    assert script == "convert_gguf.py" or "(default:" in run.stdout, script

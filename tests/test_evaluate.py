@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chat_server import ChatServer
+from cli import run_cli
 from dataset import build_tokenizer, count_words
 from evaluate import (DIMENSIONS, JUDGE_PROMPT, ChatClient, breakdown, judge_all, judge_prompt, length_score,
                       parse_judge, quality_score, read_preds, read_rows, report, ruler, summary)
@@ -152,26 +153,25 @@ def test_predict_with_a_tiny_local_checkpoint_end_to_end(tmp_path):
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "type": "T", "length": n})
                              + "\n" for n in (100, 200, 300)))
-    cmd = [sys.executable, "evaluate.py", "predict", str(bench), "--checkpoint", str(tmp_path / "ckpt"), "--output",
-           str(tmp_path / "pred.jsonl"), "--max-new-tokens", "30", "--batch-size", "2", "--out", str(tmp_path / "s.json")]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    cmd = ["predict", bench, "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "pred.jsonl", "--max-new-tokens",
+           "30", "--batch-size", "2", "--out", tmp_path / "s.json"]
+    run = run_cli("evaluate.py", *cmd)
     assert run.returncode == 0, run.stderr
     preds = [json.loads(l) for l in open(tmp_path / "pred.jsonl")]
     assert sorted(p["index"] for p in preds) == [0, 1, 2]
     assert all(p["response_length"] == count_words(p["response"]) and p["type"] == "T" for p in preds)
     assert "S_l" in json.load(open(tmp_path / "s.json"))
     before = open(tmp_path / "pred.jsonl").read()
-    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+    assert run_cli("evaluate.py", *cmd).returncode == 0
     assert open(tmp_path / "pred.jsonl").read() == before  # resumed: nothing redone
-    run = subprocess.run([sys.executable, "evaluate.py", "length", str(tmp_path / "pred.jsonl"), "--out",
-                          str(tmp_path / "l.json")], cwd=ROOT, capture_output=True, text=True)
+    run = run_cli("evaluate.py", "length", tmp_path / "pred.jsonl", "--out", tmp_path / "l.json")
     assert run.returncode == 0 and set(json.load(open(tmp_path / "l.json"))) >= {"S_l", "n"}
 
 
 def test_a_bad_prediction_file_names_its_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"index": 0, "prompt": "p", "length": 10, "response_length": 3}) + "\n{\"index\": 1}\n")
-    run = subprocess.run([sys.executable, "evaluate.py", "length", str(f)], cwd=ROOT, capture_output=True, text=True)
+    run = run_cli("evaluate.py", "length", f)
     assert run.returncode != 0 and "p.jsonl:2: missing field 'prompt'" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -200,8 +200,7 @@ def test_judge_prompts_take_either_marker_style_and_refuse_neither(tmp_path):
     bad = tmp_path / "judge.txt"
     bad.write_text("Rate this: {response}")
     preds = preds_file(tmp_path / "p.jsonl", PREDS)
-    run = subprocess.run([sys.executable, "evaluate.py", "quality", preds, "--model", "j", "--judge-prompt", str(bad),
-                          "--api-base", "http://127.0.0.1:9/v1"], cwd=ROOT, capture_output=True, text=True)
+    run = run_cli("evaluate.py", "quality", preds, "--model", "j", "--judge-prompt", bad, "--api-base", "http://127.0.0.1:9/v1")
     assert run.returncode != 0 and "judge.txt: the judge prompt needs both" in run.stderr
 
 
@@ -220,7 +219,7 @@ def test_prediction_files_without_index_or_response_length_are_read(tmp_path):
     preds = read_preds(str(f))
     assert [p["index"] for p in preds] == [0, 1, 2, 3]
     assert [p["response_length"] for p in preds] == [2, 0, 5, 3]
-    run = subprocess.run([sys.executable, "evaluate.py", "length", str(f)], cwd=ROOT, capture_output=True, text=True)
+    run = run_cli("evaluate.py", "length", f)
     assert run.returncode == 0, run.stderr
 
 
@@ -287,9 +286,8 @@ def test_predict_never_reuses_answers_of_another_checkpoint_or_setting(tmp_path)
     bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "length": n}) + "\n"
                              for n in (100, 200, 300)))
     pred = str(tmp_path / "pred.jsonl")
-    predict = lambda ckpt, *extra: subprocess.run(
-        [sys.executable, "evaluate.py", "predict", str(bench), "--checkpoint", str(tmp_path / ckpt), "--output", pred,
-         "--max-new-tokens", "12", "--batch-size", "2", *extra], cwd=ROOT, capture_output=True, text=True)
+    predict = lambda ckpt, *extra: run_cli("evaluate.py", "predict", bench, "--checkpoint", tmp_path / ckpt, "--output",
+                                           pred, "--max-new-tokens", "12", "--batch-size", "2", *extra)
     first = predict("base")
     assert first.returncode == 0, first.stderr
     rows = [json.loads(l) for l in open(pred)]
@@ -304,9 +302,8 @@ def test_predict_never_reuses_answers_of_another_checkpoint_or_setting(tmp_path)
     assert fresh.returncode == 0 and "2 predictions" in fresh.stdout
     assert {json.loads(l)["generation"]["model"] for l in open(pred)} == {"sft"}
     # the default output name says which model made it
-    default = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "predict", str(bench), "--checkpoint",
-                              str(tmp_path / "sft"), "--max-new-tokens", "5", "--limit", "1"], cwd=tmp_path,
-                             capture_output=True, text=True)
+    default = run_cli("evaluate.py", "predict", bench, "--checkpoint", tmp_path / "sft", "--max-new-tokens", "5",
+                      "--limit", "1", cwd=tmp_path)
     assert default.returncode == 0 and (tmp_path / "bench.sft.pred.jsonl").exists(), default.stderr
 
 
@@ -314,9 +311,8 @@ def test_predict_refuses_a_limit_past_the_context_before_decoding(tmp_path):
     tiny_checkpoint(tmp_path / "ckpt")  # max_position_embeddings 4096
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"prompt": "write a 100 word essay about the sea .", "length": 100}) + "\n")
-    run = subprocess.run([sys.executable, "evaluate.py", "predict", str(bench), "--checkpoint", str(tmp_path / "ckpt"),
-                          "--output", str(tmp_path / "p.jsonl"), "--max-new-tokens", "5000"], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = run_cli("evaluate.py", "predict", bench, "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "p.jsonl",
+                  "--max-new-tokens", "5000")
     assert run.returncode != 0 and "more than the model's context of 4096 tokens" in run.stderr
     assert not (tmp_path / "p.jsonl").exists() or not (tmp_path / "p.jsonl").read_text()
 
