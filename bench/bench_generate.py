@@ -3,6 +3,8 @@ generate), and many prompts of LongBench-Write's spread of lengths, static batch
 
 Usage (H100):  python bench/bench_generate.py                      # Llama-3.1-8B shape, bf16
        (CPU):  python bench/bench_generate.py --shape tiny --device cpu --dtype float32 --new-tokens 64
+               python bench/bench_generate.py --checkpoint runs/smollm2 --device cpu --dtype float32 --prompt-len 200 \
+                   --new-tokens 256 --contexts --hf-new-tokens 256 --prompts 0      # a checkpoint folder's shape
 Prints one table: tokens/s after a 1,000-token prompt, at 16k / 32k tokens of context, and the aggregate
 tokens/s and wall time of the many-prompt case (the same prompts, order and slots for both ways).
 """
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, generate_many  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, read_config  # noqa: E402
 
 SHAPES = {
     "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -142,10 +144,14 @@ def main():
     ap.add_argument("--slots", type=int, default=32, help="many-prompt case: rows decoded at once")
     ap.add_argument("--max-answer", type=int, default=4096, help="many-prompt case: the longest answer, tokens")
     ap.add_argument("--many-prompt-len", type=int, default=128)
+    ap.add_argument("--checkpoint", default="", help="use this checkpoint folder's shape instead of --shape "
+                                                     "(speed does not depend on the weights' values)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     compile = device.type == "cuda"
-    cfg = ModelConfig(**SHAPES[args.shape])
+    cfg = ModelConfig.from_hf(read_config(args.checkpoint)) if args.checkpoint else ModelConfig(**SHAPES[args.shape])
+    if args.checkpoint:
+        args.shape = os.path.basename(os.path.normpath(args.checkpoint))
     model = random_model(cfg, dtype, device)
     rows = [("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile),
              None)]

@@ -2,10 +2,13 @@
 
 Usage (H100):  python bench/bench_train.py                 # Llama-3.2-1B shape, rows of 16k, 32k, 64k tokens
        (CPU):  python bench/bench_train.py --shape tiny --device cpu --lengths 1024
+               python bench/bench_train.py --checkpoint runs/smollm2 --device cpu --lengths 2048 --hf-lengths 2048
+--checkpoint DIR takes the shape from that folder's config.json (speed does not depend on the weights' values).
+On CPU both sides run in float32; on CUDA ours is bf16 autocast over float32 weights, transformers bf16.
 Ours: float32 master weights, bf16 autocast, chunked LM head, fused AdamW, with and without activation
 checkpointing ("ckpt"), on a single-document row and on a row packing five documents (3/8, 1/4, 3/16,
 1/8, 1/16 of it). One model and optimizer serve all of ours.
-transformers: bf16 weights, SDPA, gradient checkpointing, fused AdamW, one causal sequence.
+transformers: bf16 weights on CUDA (float32 on CPU), SDPA, gradient checkpointing on CUDA only, AdamW, one causal sequence.
 """
 import argparse
 import os
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelConfig  # noqa: E402
+from model import ModelConfig, read_config  # noqa: E402
 from train_sft import build_model, flops_per_token, micro_batch_loss  # noqa: E402
 
 SHAPES = {
@@ -37,7 +40,11 @@ def row_of(lengths, vocab):
             "doc_targets": np.array(lengths), "n_targets": int(sum(lengths))}
 
 
-def timed(step, device, warmup=2, reps=5):
+WARMUP, REPS = 2, 5
+
+
+def timed(step, device, warmup=None, reps=None):
+    warmup, reps = WARMUP if warmup is None else warmup, REPS if reps is None else reps
     for _ in range(warmup):
         step()
     times = []
@@ -73,12 +80,13 @@ def ours(model, opt, device, T, packed, checkpointing):
         opt.zero_grad(set_to_none=True)  # also after an out-of-memory error, before the next setting
 
 
-def hf(cfg, device, T):
+def hf(cfg, device, T, checkpointing):
     import transformers
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16,
-                                                          attn_implementation="sdpa").to(device)
-    model.gradient_checkpointing_enable()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as ours computes
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa").to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
@@ -98,9 +106,16 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536])
     ap.add_argument("--hf-lengths", type=int, nargs="*", default=[16384])
     ap.add_argument("--compile", action="store_true", help="torch.compile our MLPs (train_sft.py --compile)")
+    ap.add_argument("--checkpoint", default="", help="use this checkpoint folder's shape instead of --shape")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per setting")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per setting (the median is shown)")
     args = ap.parse_args()
+    global WARMUP, REPS
+    WARMUP, REPS = args.warmup, args.reps
     device = torch.device(args.device)
-    cfg = ModelConfig(**SHAPES[args.shape])
+    cfg = ModelConfig.from_hf(read_config(args.checkpoint)) if args.checkpoint else ModelConfig(**SHAPES[args.shape])
+    if args.checkpoint:
+        args.shape = os.path.basename(os.path.normpath(args.checkpoint))
     rows = []
 
     def record(impl, T, fn):
@@ -127,8 +142,9 @@ def main():
                 label = f"ours, {'five packed docs' if packed else 'one document'}{', ckpt' if ckpt else ''}"
                 record(label, T, lambda: ours(model, opt, device, T, packed, ckpt))
     del model, opt
+    ckpt = device.type == "cuda"  # rows of 16k+ need it on a GPU; on the CPU both sides run without it
     for T in args.hf_lengths:
-        record("transformers", T, lambda: hf(cfg, device, T))
+        record(f"transformers{', ckpt' if ckpt else ''}", T, lambda: hf(cfg, device, T, ckpt))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\nSFT step, {args.shape} shape, {name}, torch {torch.__version__}{', MLPs compiled' if args.compile else ''}")
     print(f"| {'implementation':<32} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")

@@ -190,7 +190,7 @@ def sft_speed(device, big):
     del model, opt
     T = 16384 if big else 256
     try:
-        parts.append(f"transformers {T}: {T / hf(cfg, device, T):,.0f} tok/s")
+        parts.append(f"transformers {T}: {T / hf(cfg, device, T, checkpointing=big):,.0f} tok/s")
     except torch.OutOfMemoryError:
         parts.append(f"transformers {T}: OOM")
     return goal, "; ".join(parts) + (" (goal >= 43k tok/s at 16k)" if big else "")

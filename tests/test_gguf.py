@@ -40,12 +40,12 @@ def byte_level_bpe():
                                                                              for m in data["model"]["merges"]]
 
 
-def write_gguf(path, quantized: bool, seed=0):
+def write_gguf(path, quantized: bool, seed=0, context=256):
     """A tiny llama model as llama.cpp writes it: q/k rows permuted, embeddings Q8_0 and q/k Q4_1 when quantized;
     the tokenizer as metadata. Returns the transformers model whose weights went in."""
     tokens, merges = byte_level_bpe()
     cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(cfg).float().eval()
@@ -54,7 +54,7 @@ def write_gguf(path, quantized: bool, seed=0):
             p.normal_(0, 0.08)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(2)
-    w.add_context_length(256)
+    w.add_context_length(context)
     w.add_embedding_length(64)
     w.add_feed_forward_length(128)
     w.add_head_count(4)
