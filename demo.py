@@ -30,7 +30,7 @@ import torch
 
 import agentwrite
 from convert_gguf import convert, smollm2_gguf
-from dataset import TOPICS, WORDINGS, add_flags, chat_prompt_ids, count_words, load_tokenizer, read_jsonl, write_builtin
+from dataset import TOPICS, WORDINGS, add_flags, chat_prompt_ids, load_tokenizer, read_jsonl, write_builtin
 from evaluate import checkpoint_identity, length_score, predict_local, read_rows, scatter_svg, table
 from generate import context_of
 from model import Transformer, read_config, write_json
