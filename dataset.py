@@ -116,22 +116,17 @@ def default_system(template: str, chat_template: str) -> str:
     return ""
 
 
-def with_system(messages: list[dict], system: str, tok) -> list[dict]:
-    """The conversation as the model's template renders it: `system` (--system) first when given, else the
-    template's default system turn when the conversation has none. Llama 3's date header goes in front of
-    whatever system text there is."""
-    if system:
-        messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+def with_system(messages: list[dict], tok) -> list[dict]:
+    """The conversation as the model's template renders it: the template's default system turn added when
+    the conversation has none. Llama 3's date header goes in front of whatever system text there is."""
     default = tok.default_system
     if not default:
         return messages
-    if tok.template == "llama3":
-        if messages[0]["role"] == "system" and messages[0]["content"].startswith(default):
-            return messages  # already there (chat_prompt_ids, then encode_chats)
-        if messages[0]["role"] == "system":
-            return [{"role": "system", "content": default + messages[0]["content"]}] + messages[1:]
-        return [{"role": "system", "content": default}] + messages
-    return messages if messages[0]["role"] == "system" else [{"role": "system", "content": default}] + messages
+    if messages[0]["role"] == "system":
+        if tok.template != "llama3":
+            return messages
+        return [{"role": "system", "content": default + messages[0]["content"]}] + messages[1:]
+    return [{"role": "system", "content": default}] + messages
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +258,7 @@ def load_tokenizer(path, template=None) -> Tokenizer:
 def encode_chats(tok: Tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) per conversation: labels equal the ids on assistant tokens and their end-of-turn
     token, -100 elsewhere. All pieces of all conversations go through one batch encode."""
-    rendered = [TEMPLATES[tok.template](with_system(m, "", tok), tok.bos, tok.eos) for m in conversations]
+    rendered = [TEMPLATES[tok.template](with_system(m, tok), tok.bos, tok.eos) for m in conversations]
     encoded = iter(tok.encode_batch([text for parts in rendered for text, _ in parts]))
     out = []
     for parts in rendered:
@@ -282,10 +277,12 @@ def encode_chat(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[i
 
 def chat_prompt_ids(tok: Tokenizer, messages: list[dict], system: str = "") -> list[int]:
     """The prompt for generating the next assistant turn (the same pieces training used); `system`
-    replaces the conversation's system turn (and the template's default one)."""
+    (--system) replaces the conversation's system turn (and the template's default one)."""
     if messages[-1]["role"] == "assistant":
         raise ValueError("the conversation already ends with an assistant turn")
-    return encode_chat(tok, with_system(messages, system, tok))[0]
+    if system:
+        messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+    return encode_chat(tok, messages)[0]
 
 
 # -----------------------------------------------------------------------------

@@ -332,6 +332,9 @@ def test_llama32_prompts_and_labels_equal_its_instruct_template_in_transformers(
              {"role": "user", "content": "写一篇两千字的文章，关于长城。 Use 3 parts."}]]
     for messages in asks:
         assert chat_prompt_ids(tok, messages) == hf_ids(messages, True)
+    # --system replaces the conversation's system turn; the header still goes in front of it, once
+    assert chat_prompt_ids(tok, asks[1], system="Answer in English.") == hf_ids(
+        [{"role": "system", "content": "Answer in English."}, asks[1][1]], True)
     conversations = [m + [{"role": "assistant", "content": "  The bicycle began in 1817 with Drais.\n\n"}] for m in asks]
     for messages, (ids, labels) in zip(conversations, encode_chats(tok, conversations)):
         assert ids == hf_ids(messages, False)
