@@ -281,14 +281,14 @@ class RealConfig:
     eval_max: int = 3000         # and at most this many words
     bench_dir: str = BENCH_DIR   # the benchmark prompts, read where they are and never copied
     limit_factor: float = 2.0    # answers may run to this x the asked words (1.35 tokens a word), at most the context
-    train_items: int = 10        # AgentWrite instructions (our own subjects, none from the benchmarks)
+    train_items: int = 16        # AgentWrite instructions (our own subjects, none from the benchmarks)
     train_lengths: str = "1000,1500,2000,2500,3000"  # the lengths the training instructions ask for, in turn
     section_words: int = 350     # AgentWrite sections of about this many words (what the model writes when asked)
     temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
     top_p: float = 0.9
     repetition_penalty: float = 1.1  # over the last 64 tokens: without it the 135M model repeats a sentence
     no_repeat_ngram: int = 10    # and no answer repeats one of its own 10-grams (whole paragraphs looped)
-    sft_epochs: int = 2          # SFT on AgentWrite's answers
+    sft_epochs: int = 3          # SFT on AgentWrite's answers
     sft_lr: float = 1e-4
     freeze_layers: int = 20      # SFT trains the top 30 - N blocks (1.7x faster steps on CPU); 0: the whole model
     max_tokens: int = 6144       # SFT rows (the longest answers are ~4,500 words)
