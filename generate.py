@@ -110,13 +110,13 @@ def no_repeat(out: list[int], seen: dict, n: int) -> set:
 
 
 def forbid(logits: torch.Tensor, banned: list) -> torch.Tensor:
-    """logits with -inf at row b's banned tokens banned[b]."""
+    """logits (of any float dtype: bf16 ones on CUDA) with -inf at row b's banned tokens banned[b]."""
     rows = [b for b, toks in enumerate(banned) for _ in toks]
     if not rows:
         return logits
     cols = [t for toks in banned for t in toks]
     return logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
-                            torch.tensor(float("-inf"), device=logits.device))
+                            torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def recent_tokens(histories: list[list[int]], window: int, device) -> torch.Tensor:

@@ -387,6 +387,8 @@ def test_no_answer_repeats_an_n_gram_and_static_and_continuous_batching_agree(ch
     assert any(len(set(grams(r))) < len(grams(r)) for r in plain)  # greedy decoding of a random model loops
     assert all(len(set(grams(r))) == len(grams(r)) for r in static)  # no 4-gram twice
     assert [got[i] for i in range(3)] == static
+    bf16 = dict(generate_many(model.to(torch.bfloat16), prompts, 60, slots=2, no_repeat_ngram=4))  # bf16 logits (CUDA's)
+    assert all(len(set(grams(r))) == len(grams(r)) for r in bf16.values())
 
 
 def test_the_few_row_cpu_linear_equals_nn_linear():
