@@ -35,7 +35,7 @@ from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
 from generate import finish_reason, fit_new_tokens, generate_many
 from model import Transformer, checkpoint_files
 from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, remove_if_unused, row_logps,
-                       run_training)
+                       run_training, train_dtype)
 
 
 @dataclass
@@ -311,7 +311,7 @@ def train(cfg: DPOConfig) -> list[dict]:
     ref_logps = ref_model = None
     if cfg.live_reference:
         ref_model = build_model(model.config, cfg.model if os.path.isdir(cfg.model) else None, cfg.seed, world, device,
-                                getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32)
+                                train_dtype(cfg, device))
         ref_model.eval().requires_grad_(False)
     else:
         ref_logps = reference_logps(cfg, model, tokenizer, packed, rank, world, device)

@@ -148,6 +148,18 @@ def test_frozen_layers_keep_their_weights_and_a_frozen_run_resumes_exactly(corpu
         run(corpus, tmp_path / "bad", freeze_layers=3)
 
 
+def test_dtype_bfloat16_autocasts_on_cpu_too_and_the_default_there_stays_float32(corpus, tmp_path):
+    cpu = torch.device("cpu")
+    assert train_sft.train_dtype(TrainConfig(), cpu) == torch.float32
+    assert train_sft.train_dtype(TrainConfig(), torch.device("cuda")) == torch.bfloat16
+    with train_sft.autocast_for(TrainConfig(dtype="bfloat16"), cpu, 1):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    fp32, bf16 = run(corpus, tmp_path / "fp32", max_steps=2), run(corpus, tmp_path / "bf16", max_steps=2, dtype="bfloat16")
+    assert fp32 != bf16 and np.allclose(fp32, bf16, rtol=0.02)  # computed in bf16, close to float32's losses
+    weights = Transformer.from_pretrained(tmp_path / "bf16" / "step_2").state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights (and export) stay float32
+
+
 def test_a_tiny_model_drives_its_loss_well_down(corpus, tmp_path):
     losses = run(corpus, tmp_path, max_steps=80, lr=5e-3)
     assert losses[0] > 5.0 and losses[-1] < 0.4 * losses[0]  # from ~ln(vocab) to well under half
