@@ -311,13 +311,13 @@ class LocalClient:
     rows in use are decoded (eagerly), so one waiting call costs one row, up to max_batch rows at once."""
 
     def __init__(self, checkpoint, device=None, max_batch=8, template=None, system="", context=0, row_len=32768,
-                 seed=0, repetition_penalty=1.0, no_repeat_ngram=0):
+                 seed=0, repetition_penalty=1.0, no_repeat_ngram=0, dtype=""):
         import torch
         from dataset import load_tokenizer
         from generate import context_of
         from model import Transformer
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
         self.tok = load_tokenizer(checkpoint, template)
         self.model = Transformer.from_pretrained(checkpoint, dtype, device).eval()
         self.compile, self.system = device.startswith("cuda"), system
@@ -530,6 +530,7 @@ class AgentConfig:
     max_ratio: float = 1.5               # drop answers longer than this x the planned words
     system: str = ""                     # --checkpoint: system turn; empty: the chat template's default (if any)
     context: int = 0                     # --checkpoint: > 0, a smaller context than the model's
+    dtype: str = ""                      # --checkpoint: its weights' dtype (default: bfloat16 on CUDA, float32 on CPU)
     plan_template: str = PLAN_PROMPT
     write_template: str = WRITE_PROMPT   # with --plan skeleton and no --write-prompt: SECTION_PROMPT
 
@@ -558,7 +559,8 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     if client is None:
         if cfg.checkpoint:
             client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context,
-                                 repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
+                                 repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
+                                 dtype=cfg.dtype)
         else:
             client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                 cfg.max_retries, cfg.backoff)

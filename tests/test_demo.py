@@ -5,9 +5,10 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from cli import run_cli
-from demo import RealConfig, bootstrap_ci, longest_repeat, run_real, train_instructions
+from demo import RealConfig, bootstrap_ci, longest_repeat, real_dtype, run_real, train_instructions
 
 TINY = ["--steps", "12", "--prompts-per-length", "2", "--eval-lengths", "100,400", "--short-cap", "200",
         "--long-cap", "400", "--pair-instructions", "4", "--pair-samples", "3", "--dpo-steps", "2", "--slots", "4"]
@@ -93,6 +94,7 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     preds = [json.loads(l) for l in open(out / "pred-base.jsonl")]
     assert len(preds) == 4 and {p["length"] for p in preds} == {2800, 3000}  # LongBench-Write's English rows
     assert all(p["generation"]["max_new_tokens"] == int(0.02 * 1.35 * p["length"]) for p in preds)
+    assert all(p["generation"]["dtype"] == real_dtype(cfg) for p in preds)  # another dtype: answered again
     records = [json.loads(l) for l in open(out / "agentwrite.jsonl")]
     assert len(records) == 3 and writer.calls == 2 + 3 + 2  # 60 words: 2 sections, 90: 3, 60: 2
     scores = json.load(open(out / "scores.json"))
@@ -107,3 +109,11 @@ def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs(
     assert len({r["prompt"] for r in rows}) == 12 and sum(bool(re.search(r"\bstory\b", r["prompt"])) for r in rows) == 4
     assert all(str(r["length"]) in r["prompt"] for r in rows)
     assert longest_repeat("One. Two. Two. Two. One.") == 3 and longest_repeat("A b. C d. A b.") == 1
+
+
+def test_the_real_demo_computes_in_bfloat16_on_cuda_and_on_cpus_with_bf16_instructions(monkeypatch):
+    assert real_dtype(RealConfig(device="cuda")) == "bfloat16" and real_dtype(RealConfig(dtype="float32")) == "float32"
+    for avx512_bf16, amx, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert real_dtype(RealConfig()) == expected
