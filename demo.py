@@ -340,7 +340,7 @@ def eval_requests(cfg) -> list[dict]:
 
 def real_dtype(cfg) -> str:
     """--dtype auto: bfloat16 on CUDA and on CPUs with bf16 instructions (AVX512-BF16 or AMX; on a 2-core AVX512-BF16
-    machine an SFT step of SmolLM2 ran 2.1x and one-row decoding 1.6x faster than in float32), float32 on other
+    machine an SFT step of SmolLM2 ran 2.1x and one-row decoding 1.4-1.7x faster than in float32), float32 on other
     CPUs, which emulate bf16 slowly. The samples differ between the two, as they do between CPUs."""
     if cfg.dtype != "auto":
         return cfg.dtype
