@@ -391,7 +391,8 @@ def real_conclusion(results, n_records: int) -> str:
             f"itself (median {base['median']:.0f} words over all {base['n']}) and ran {base['cut']} on to the limit. "
             f"After SFT on {n_records} AgentWrite answers it wrote {ci_text(*sft['words'])} words on average against "
             f"{ci_text(*base['words'])} ({ratio:.1f}x; median {sft['median']:.0f} against {base['median']:.0f}), "
-            f"{sft['cut']} answers reaching the limit; S_l went from {ci_text(*base['S_l'])} to {ci_text(*sft['S_l'])}"
+            f"{sft['cut']} answer{'' if sft['cut'] == 1 else 's'} reaching the limit; "
+            f"S_l went from {ci_text(*base['S_l'])} to {ci_text(*sft['S_l'])}"
             + (", 95% intervals that do not overlap." if separated else ", 95% intervals that overlap."))
 
 
