@@ -315,11 +315,10 @@ class LocalClient:
         import torch
         from dataset import load_tokenizer
         from generate import context_of
-        from model import Transformer
+        from model import Transformer, compute_dtype
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
         self.tok = load_tokenizer(checkpoint, template)
-        self.model = Transformer.from_pretrained(checkpoint, dtype, device).eval()
+        self.model = Transformer.from_pretrained(checkpoint, compute_dtype(dtype, device), device).eval()
         self.compile, self.system = device.startswith("cuda"), system
         self.max_batch, self.seed, self.requests = max_batch, seed, queue.Queue()
         self.repetition_penalty, self.no_repeat_ngram = repetition_penalty, no_repeat_ngram

@@ -33,7 +33,7 @@ from convert_gguf import convert, smollm2_gguf
 from dataset import TOPICS, WORDINGS, add_flags, chat_prompt_ids, load_tokenizer, read_jsonl, write_builtin
 from evaluate import checkpoint_identity, length_score, predict_local, read_rows, scatter_svg, table
 from generate import context_of
-from model import Transformer, read_config, write_json
+from model import Transformer, compute_dtype, read_config, write_json
 from train_dpo import DPOConfig, build_pairs
 from train_dpo import train as train_dpo
 from train_sft import TrainConfig
@@ -343,6 +343,7 @@ def real_dtype(cfg) -> str:
     machine an SFT step of SmolLM2 ran 2.1x and one-row decoding 1.4-1.7x faster than in float32), float32 on other
     CPUs, which emulate bf16 slowly. The samples differ between the two, as they do between CPUs."""
     if cfg.dtype != "auto":
+        compute_dtype(cfg.dtype, cfg.device)  # a name it knows, or a clear error before any work
         return cfg.dtype
     native = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return "bfloat16" if cfg.device.startswith("cuda") or native else "float32"
@@ -351,7 +352,7 @@ def real_dtype(cfg) -> str:
 def answer_real(ckpt, rows, out_path, cfg) -> list[dict]:
     """Predictions of the checkpoint (finished ones reused), each limited to limit_factor x the asked words."""
     dtype = real_dtype(cfg)
-    model, tok = Transformer.from_pretrained(ckpt, getattr(torch, dtype), cfg.device).eval(), load_tokenizer(ckpt)
+    model, tok = Transformer.from_pretrained(ckpt, compute_dtype(dtype, cfg.device), cfg.device).eval(), load_tokenizer(ckpt)
     room = [context_of(model) - len(chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}])) for r in rows]
     limits = [min(m, int(cfg.limit_factor * 1.35 * r["length"])) for m, r in zip(room, rows)]
     return predict_local(model, tok, rows, out_path, limits, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -511,11 +511,10 @@ def main():
             if cfg.checkpoint:
                 import torch
                 from dataset import load_tokenizer
-                from model import Transformer
+                from model import Transformer, compute_dtype
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 tok = load_tokenizer(cfg.checkpoint, cfg.template or None)
-                model = Transformer.from_pretrained(cfg.checkpoint, torch.bfloat16 if device == "cuda" else torch.float32,
-                                                    device).eval()
+                model = Transformer.from_pretrained(cfg.checkpoint, compute_dtype("", device), device).eval()
                 preds = predict_local(model, tok, rows, output, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                       cfg.batch_size, cfg.seed, compile=device == "cuda",
                                       model_id=checkpoint_identity(cfg.checkpoint), system=cfg.system,

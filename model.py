@@ -517,6 +517,18 @@ def hf_names(our_names, cfg: ModelConfig) -> list[str]:
     return names
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(name: str, device) -> torch.dtype:
+    """A --dtype by name; "" is bf16 on CUDA and float32 on CPU, where bf16 is fast only on CPUs with bf16
+    instructions (AVX512-BF16, AMX) and slow elsewhere."""
+    name = name or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 def read_config(path) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.isdir(path):

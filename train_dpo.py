@@ -33,9 +33,9 @@ from dataset import (DataError, builtin_corpus, chat_prompt_ids, count_words, fi
                      tokenizer_files, write_builtin)
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
 from generate import finish_reason, fit_new_tokens, generate_many
-from model import Transformer, checkpoint_files
+from model import Transformer, checkpoint_files, compute_dtype
 from train_sft import (TrainConfig, autocast_for, build_model, log0, parse_args, prepare, remove_if_unused, row_logps,
-                       run_training, train_dtype)
+                       run_training)
 
 
 @dataclass
@@ -217,7 +217,7 @@ def sample_local(cfg: DPOConfig, todo: list[tuple], cache: JsonlLog, have: dict,
     finish_reason. max_new_tokens 0 fills the model's context."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
-    model = Transformer.from_pretrained(cfg.model, torch.bfloat16 if device == "cuda" else torch.float32, device).eval()
+    model = Transformer.from_pretrained(cfg.model, compute_dtype("", device), device).eval()
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": prompt}], cfg.system) for _, _, prompt in todo]
     limits = [fit_new_tokens(model, len(p), cfg.max_new_tokens, what=f"instruction {i}")
               for p, (i, _, _) in zip(prompts, todo)]
@@ -311,7 +311,7 @@ def train(cfg: DPOConfig) -> list[dict]:
     ref_logps = ref_model = None
     if cfg.live_reference:
         ref_model = build_model(model.config, cfg.model if os.path.isdir(cfg.model) else None, cfg.seed, world, device,
-                                train_dtype(cfg, device))
+                                compute_dtype(cfg.dtype, device))
         ref_model.eval().requires_grad_(False)
     else:
         ref_logps = reference_logps(cfg, model, tokenizer, packed, rank, world, device)

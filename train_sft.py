@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dataset import add_flags, load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
-from model import ModelConfig, Transformer, read_config, save_hf, write_json
+from model import ModelConfig, Transformer, compute_dtype, read_config, save_hf, write_json
 
 
 @dataclass
@@ -374,7 +374,7 @@ def prepare(cfg, kind="sft", write_default_data=None):
     if len(packed) < cfg.batch_rows:
         raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows}")
     mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
-    model = build_model(mcfg, weights, cfg.seed, world, device, train_dtype(cfg, device), cfg.checkpointing,
+    model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype(cfg.dtype, device), cfg.checkpointing,
                         cfg.compile, load=not cfg.resume)
     freeze(model, cfg.freeze_layers)
     return rank, world, device, tokenizer, packed, model
@@ -392,14 +392,9 @@ def freeze(model, n_layers: int):
             block.requires_grad_(False)
 
 
-def train_dtype(cfg, device) -> torch.dtype:
-    """--dtype, or bf16 on CUDA and float32 on CPU (where bf16 is fast only on some CPUs)."""
-    return getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-
-
 def autocast_for(cfg, device, world):
     """Autocast to the compute dtype on one device; FSDP2's mixed precision casts by itself on several."""
-    dtype = train_dtype(cfg, device)
+    dtype = compute_dtype(cfg.dtype, device)
     return torch.autocast(device.type, dtype=dtype, enabled=world == 1 and dtype != torch.float32)
 
 

@@ -117,3 +117,5 @@ def test_the_real_demo_computes_in_bfloat16_on_cuda_and_on_cpus_with_bf16_instru
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         assert real_dtype(RealConfig()) == expected
+    with pytest.raises(ValueError, match="--dtype 'half': choose one of float32, bfloat16, float16"):
+        real_dtype(RealConfig(dtype="half"))

@@ -12,7 +12,7 @@ import torch
 
 import train_sft
 from dataset import pack, write_builtin
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, compute_dtype
 from train_sft import TrainConfig, global_counts, lr_at, micro_batch_loss, step_dirs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,8 +150,10 @@ def test_frozen_layers_keep_their_weights_and_a_frozen_run_resumes_exactly(corpu
 
 def test_dtype_bfloat16_autocasts_on_cpu_too_and_the_default_there_stays_float32(corpus, tmp_path):
     cpu = torch.device("cpu")
-    assert train_sft.train_dtype(TrainConfig(), cpu) == torch.float32
-    assert train_sft.train_dtype(TrainConfig(), torch.device("cuda")) == torch.bfloat16
+    assert compute_dtype(TrainConfig().dtype, cpu) == torch.float32
+    assert compute_dtype(TrainConfig().dtype, torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype 'bf16': choose one of float32, bfloat16, float16"):
+        run(corpus, tmp_path / "bad", dtype="bf16")
     with train_sft.autocast_for(TrainConfig(dtype="bfloat16"), cpu, 1):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     fp32, bf16 = run(corpus, tmp_path / "fp32", max_steps=2), run(corpus, tmp_path / "bf16", max_steps=2, dtype="bfloat16")
