@@ -161,13 +161,16 @@ def table(rows: list[list], header: list[str]) -> str:
 # -----------------------------------------------------------------------------
 # predict
 
-def resume_predictions(out_path, settings: list[dict], overwrite=False, log=print) -> set:
-    """The indices already answered in out_path by the same model and generation settings. Every prediction
-    row carries the "generation" that made it; a row made otherwise (another checkpoint, temperature, limit,
-    system turn...) is refused, naming the difference, unless overwrite starts the file afresh."""
+def resume_predictions(out_path, settings: list[dict], overwrite=False, log=print, rows=None) -> set:
+    """The indices already answered in out_path by the same model and generation settings, for the same request.
+    Every prediction row carries the "generation" that made it and the fields of the row it answers; one made
+    otherwise (another checkpoint, temperature, limit, system turn...) or for another request at that index (the
+    rows changed: another --eval-min, another --samples) is refused, naming the difference, unless overwrite
+    starts the file afresh."""
     if overwrite and os.path.exists(out_path):
         os.remove(out_path)
     done = set()
+    hint = "; rerun with the same ones, write to another --output, or --overwrite to start it afresh"
     for p in JsonlLog(out_path).read():
         i = p.get("index")
         want = settings[i] if isinstance(i, int) and 0 <= i < len(settings) else None
@@ -175,10 +178,14 @@ def resume_predictions(out_path, settings: list[dict], overwrite=False, log=prin
             have = p.get("generation") or {}
             diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in (want or {}).items() if have.get(k) != v]
             raise ValueError(f"{out_path}: row {i} was made by other settings ({'; '.join(diff[:3]) or 'no generation record'}"
-                             f"); rerun with the same ones, write to another --output, or --overwrite to start it afresh")
+                             f"){hint}")
+        moved = [k for k, v in (rows[i] if rows else {}).items() if p.get(k) != v]
+        if moved:
+            raise ValueError(f"{out_path}: row {i} answers another request than row {i} now (its {', '.join(moved[:3])} "
+                             f"differ: {str(p.get(moved[0]))[:60]!r} there, {str(rows[i][moved[0]])[:60]!r} now){hint}")
         done.add(i)
     if done:
-        log(f"predict: reusing {len(done)} answers already in {out_path} (same model and settings)")
+        log(f"predict: reusing {len(done)} answers already in {out_path} (same model, settings and requests)")
     return done
 
 
@@ -211,7 +218,7 @@ def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5,
     model_id = model_id or {"model": "unnamed"}
     settings = [generation_record(model_id, m, temperature, top_p, seed, system, repetition_penalty, no_repeat_ngram)
                 for m in limits]
-    done = resume_predictions(out_path, settings, overwrite, log)
+    done = resume_predictions(out_path, settings, overwrite, log, rows)
     out = JsonlLog(out_path)
     todo = [i for i in range(len(rows)) if i not in done]
     answers = generate_many(model, [prompts[i] for i in todo], [limits[i] for i in todo], tok.stop_ids, batch_size,
@@ -230,7 +237,7 @@ def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, mo
                 log=print):
     """Answer every row through an endpoint (max_new_tokens 0: the server's own limit); resumable as predict_local."""
     settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature, None, None, "")] * len(rows)
-    done = resume_predictions(out_path, settings, overwrite, log)
+    done = resume_predictions(out_path, settings, overwrite, log, rows)
     out = JsonlLog(out_path)
 
     def one(i, r):

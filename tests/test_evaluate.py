@@ -298,6 +298,13 @@ def test_predict_never_reuses_answers_of_another_checkpoint_or_setting(tmp_path)
     other = predict("sft")
     assert other.returncode != 0 and "made by other settings" in other.stderr and "--overwrite" in other.stderr
     assert predict("base", "--temperature", "0.9").returncode != 0  # another setting: refused too
+    # the same settings but another request at index 1 (a row removed from the file): refused, never reused
+    shifted = tmp_path / "shifted.jsonl"
+    shifted.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "length": 100}) + "\n"
+                               for n in (100, 300)))
+    moved = run_cli("evaluate.py", "predict", shifted, "--checkpoint", tmp_path / "base", "--output", pred,
+                    "--max-new-tokens", "12", "--batch-size", "2")
+    assert moved.returncode != 0 and "row 1 answers another request" in moved.stderr and "prompt" in moved.stderr
     fresh = predict("sft", "--overwrite", "--limit", "2")
     assert fresh.returncode == 0 and "2 predictions" in fresh.stdout
     assert {json.loads(l)["generation"]["model"] for l in open(pred)} == {"sft"}
