@@ -482,7 +482,8 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
         prompt = fill(cfg.write_template, instruction=instruction, plan=plan_text(steps), text=written,
                       step=f"paragraph {i + 1} of {len(steps)} ({step['point']}; {step['words']} words)",
                       point=step["point"], words=str(step["words"]))
-        text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=3 * step["words"] + 200,
+        limit = int(cfg.section_limit * 1.35 * step["words"]) if cfg.section_limit > 0 else 3 * step["words"] + 200
+        text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=limit,
                                        temperature=cfg.temperature)
         text = text.strip()
         kept = trim_to_sentence(text, finish == "length")
@@ -521,6 +522,8 @@ class AgentConfig:
     plan: str = "model"                  # model: the writer plans (the paper's way); skeleton: the code lays out
                                          # sections and counts from the asked length (for small local writers)
     section_words: int = 350             # --plan skeleton: about this many words a section
+    section_limit: float = 0.0           # > 0: a paragraph may run to this x its planned words (1.35 tokens a word),
+                                         # then is cut back to its last full sentence; 0: 3 x its words + 200 tokens
     repetition_penalty: float = 1.0      # --checkpoint: > 1 penalizes the last 64 tokens (1.1 for small models)
     no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call
@@ -540,6 +543,8 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         raise ValueError(f"--plan must be model or skeleton, not {cfg.plan!r}")
     if cfg.section_words < 1:
         raise ValueError("--section-words must be positive")
+    if cfg.section_limit < 0:
+        raise ValueError(f"--section-limit {cfg.section_limit:g}: 0 (the default limit) or a positive factor")
     if cfg.plan == "skeleton" and not cfg.write_prompt and cfg.write_template == WRITE_PROMPT:
         cfg.write_template = SECTION_PROMPT  # a small writer follows a short, direct request best
     for name in ("plan_prompt", "write_prompt"):

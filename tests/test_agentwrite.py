@@ -509,3 +509,31 @@ def test_a_skeleton_run_makes_no_planning_call_and_one_short_request_per_section
     with pytest.raises(ValueError, match=r"bad.txt: no \{point\} marker"):
         run(AgentConfig(input=str(inputs), output=str(tmp_path / "o2.jsonl"), plan="skeleton", write_prompt=str(bad)),
             client=writer, log=quiet)
+
+
+class RamblingWriter:
+    """A small model's way with a section: it never stops, writing (1.35 tokens a word) until max_tokens."""
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        words = int(max_tokens / 1.35)
+        return " ".join(["The tide comes in again and the boats rise."] * (words // 9)) + " And then the", "length"
+
+    def chat(self, messages, max_tokens, temperature=0.7):
+        return self.complete(messages, max_tokens, temperature)[0]
+
+
+def test_section_limit_cuts_a_rambling_section_at_its_last_sentence_so_the_answer_is_kept(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides.", "id": "tides"}) + "\n")
+    loose = run(AgentConfig(input=str(inputs), output=str(tmp_path / "loose.jsonl"), plan="skeleton", workers=1),
+                client=RamblingWriter(), log=quiet)
+    assert loose["dropped"] == 1  # 3 x 350 + 200 tokens: ~925 words a section, 2.6x the plan
+    counts = run(AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton", workers=1,
+                             section_limit=1.5), client=RamblingWriter(), log=quiet)
+    record = json.loads(open(tmp_path / "out.jsonl").read())
+    assert counts["done"] == 1 and record["trimmed_paragraphs"] == [0, 1, 2]  # every cut is recorded
+    assert all(450 <= w <= 525 for w in record["paragraph_words"])  # <= 1.5 x 350, ending on a full sentence
+    assert record["messages"][1]["content"].endswith("rise.")
+    with pytest.raises(ValueError, match="--section-limit -1"):
+        run(AgentConfig(input=str(inputs), output=str(tmp_path / "o.jsonl"), plan="skeleton", section_limit=-1),
+            client=RamblingWriter(), log=quiet)
