@@ -285,8 +285,10 @@ class RealConfig:
     train_items: int = 24        # AgentWrite instructions (our own subjects, none from the benchmarks)
     train_lengths: str = "1000,1500,2000,2500,3000"  # the lengths the training instructions ask for, in turn
     section_words: int = 350     # AgentWrite sections of about this many words (what the model writes when asked)
+    section_limit: float = 1.5   # a section that runs past 1.5x its words is cut at its last sentence (it rambles on)
     temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
     top_p: float = 0.9
+    samples: int = 1             # answers per held-out request; a request counts once, as the mean of its samples
     repetition_penalty: float = 1.1  # over the last 64 tokens: without it the 135M model repeats a sentence
     no_repeat_ngram: int = 10    # and no answer repeats one of its own 10-grams (whole paragraphs looped)
     sft_epochs: int = 3          # SFT on AgentWrite's answers
@@ -383,18 +385,43 @@ def passage(text: str, head=90, tail=40) -> str:
     return " ".join(words[:head]) + "\n  [...]\n  " + " ".join(words[-tail:])
 
 
-def real_conclusion(results, n_records: int) -> str:
+def real_results(rows, preds, samples: int, eval_min: int, eval_max: int):
+    """Per group of requests (by asked length, by benchmark, all) and model: the mean words and S_l with 95%
+    bootstrap intervals over the requests, each request counting once as the mean of its `samples` answers
+    (preds[m] holds request j's answers at j*samples .. j*samples + samples - 1), the median over the answers
+    and how many were cut. Also the gain in S_l paired over the same requests, sft - base, with its interval:
+    each request's difficulty cancels out, so it can exclude 0 while the two intervals still overlap."""
+    per = {m: [p[j * samples:(j + 1) * samples] for j in range(len(rows))] for m, p in preds.items()}
+    words = {m: [np.mean([x["response_length"] for x in a]) for a in per[m]] for m in per}
+    s_l = {m: [np.mean([length_score(x["length"], x["response_length"]) for x in a]) for a in per[m]] for m in per}
+    groups = {str(n): [j for j, r in enumerate(rows) if r["length"] == n] for n in sorted({r["length"] for r in rows})}
+    groups.update({f"{s} ({eval_min}-{eval_max})": [j for j, r in enumerate(rows) if r["source"] == s]
+                   for s in ("LongBench-Write", "Ruler")}, all=list(range(len(rows))))
+    results = {m: {g: {"n": len(js), "answers": len(js) * samples,
+                       "cut": sum(x["finish_reason"] == "length" for j in js for x in per[m][j]),
+                       "words": bootstrap_ci([words[m][j] for j in js]),
+                       "median": float(np.median([x["response_length"] for j in js for x in per[m][j]])),
+                       "S_l": bootstrap_ci([s_l[m][j] for j in js])}
+                   for g, js in groups.items() if js} for m in per}
+    return results, bootstrap_ci([b - a for a, b in zip(s_l["base"], s_l["sft"])])
+
+
+def real_conclusion(results, gain, n_records: int, eval_min: int, eval_max: int) -> str:
     """Sentences derived from the measured numbers, for every request asked (the "all" group)."""
     base, sft = results["base"]["all"], results["sft"]["all"]
     ratio = sft["words"][0] / max(1.0, base["words"][0])
     separated = base["S_l"][2] < sft["S_l"][1]
-    return (f"Asked for {base['n']} pieces of 1,500-3,000 words, the base model ended {base['n'] - base['cut']} answers by "
-            f"itself (median {base['median']:.0f} words over all {base['n']}) and ran {base['cut']} on to the limit. "
-            f"After SFT on {n_records} AgentWrite answers it wrote {ci_text(*sft['words'])} words on average against "
-            f"{ci_text(*base['words'])} ({ratio:.1f}x; median {sft['median']:.0f} against {base['median']:.0f}), "
+    each = f" ({base['answers'] // base['n']} answers each)" if base["answers"] > base["n"] else ""
+    asked = f"{eval_min:,}-{eval_max:,}" if eval_min != eval_max else f"{eval_min:,}"
+    return (f"Asked for {base['n']} pieces of {asked} words{each}, the base model ended {base['answers'] - base['cut']} "
+            f"of its {base['answers']} answers by itself (median {base['median']:.0f} words) and ran {base['cut']} on to "
+            f"the limit. After SFT on {n_records} AgentWrite answers it wrote {ci_text(*sft['words'])} words on average "
+            f"against {ci_text(*base['words'])} ({ratio:.1f}x; median {sft['median']:.0f} against {base['median']:.0f}), "
             f"{sft['cut']} answer{'' if sft['cut'] == 1 else 's'} reaching the limit; "
             f"S_l went from {ci_text(*base['S_l'])} to {ci_text(*sft['S_l'])}"
-            + (", 95% intervals that do not overlap." if separated else ", 95% intervals that overlap."))
+            + (", 95% intervals that do not overlap" if separated else ", 95% intervals that overlap")
+            + f"; paired over the same requests the gain is {ci_text(*gain)}"
+            + (", an interval that excludes 0." if gain[1] > 0 or gain[2] < 0 else ", an interval that includes 0."))
 
 
 def run_real(cfg: RealConfig, writer=None):
@@ -403,6 +430,8 @@ def run_real(cfg: RealConfig, writer=None):
     it on them, measure again. A 135M model cannot plan, so AgentWrite lays out the sections itself (--plan
     skeleton) and asks for one ~350-word section at a time, which is about what the model writes when asked.
     writer: an AgentWrite client to write with instead of the base checkpoint (the tests' scripted one)."""
+    if cfg.samples < 1:
+        sys.exit(f"error: --samples {cfg.samples}: each request needs at least 1 answer")
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     base = os.path.join(cfg.out, "base")
@@ -411,10 +440,12 @@ def run_real(cfg: RealConfig, writer=None):
         convert(cfg.gguf or smollm2_gguf(), base)
     print(f"{base}: context {read_config(base)['max_position_embeddings']} tokens; computing in {real_dtype(cfg)}")
     rows = eval_requests(cfg)
+    asked = [{**r, "sample": k} for r in rows for k in range(cfg.samples)]  # request j's answers: j*K .. j*K+K-1
+    each = f", {cfg.samples} answers each" if cfg.samples > 1 else ""
     preds = {}
-    stage(f"2. the base model answers {len(rows)} held-out requests of {cfg.eval_min}-{cfg.eval_max} words "
+    stage(f"2. the base model answers {len(rows)} held-out requests of {cfg.eval_min}-{cfg.eval_max} words{each} "
           f"(limit: {cfg.limit_factor:g}x the asked words)")
-    preds["base"] = answer_real(base, rows, os.path.join(cfg.out, "pred-base.jsonl"), cfg)
+    preds["base"] = answer_real(base, asked, os.path.join(cfg.out, "pred-base.jsonl"), cfg)
 
     stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
     inst_file, data = os.path.join(cfg.out, "instructions.jsonl"), os.path.join(cfg.out, "agentwrite.jsonl")
@@ -426,7 +457,8 @@ def run_real(cfg: RealConfig, writer=None):
     latest, finished = os.path.join(sft_out, "latest"), os.path.join(sft_out, "finished")
     if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
         agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
-                                              section_words=cfg.section_words, workers=cfg.slots, dtype=real_dtype(cfg),
+                                              section_words=cfg.section_words, section_limit=cfg.section_limit,
+                                              workers=cfg.slots, dtype=real_dtype(cfg),
                                               temperature=cfg.temperature, repetition_penalty=cfg.repetition_penalty,
                                               no_repeat_ngram=cfg.no_repeat_ngram),
                        client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
@@ -448,42 +480,36 @@ def run_real(cfg: RealConfig, writer=None):
             f.write(open(latest).read())
     sft = os.path.join(sft_out, open(finished).read().strip())
 
-    stage(f"5. the fine-tuned model answers the same {len(rows)} requests")
-    preds["sft"] = answer_real(sft, rows, os.path.join(cfg.out, "pred-sft.jsonl"), cfg)
+    stage(f"5. the fine-tuned model answers the same {len(rows)} requests{each}")
+    preds["sft"] = answer_real(sft, asked, os.path.join(cfg.out, "pred-sft.jsonl"), cfg)
 
     stage("results")
-    lengths = sorted({r["length"] for r in rows})
-    results = {}
-    for name, p in preds.items():
-        groups = {str(n): [x for x in p if x["length"] == n] for n in lengths}
-        groups.update({f"{s} ({cfg.eval_min}-{cfg.eval_max})": [x for x in p if x["source"] == s]
-                       for s in ("LongBench-Write", "Ruler")}, all=p)
-        results[name] = {g: {"n": len(v), "cut": sum(x["finish_reason"] == "length" for x in v),
-                             "words": bootstrap_ci([x["response_length"] for x in v]),
-                             "median": float(np.median([x["response_length"] for x in v])),
-                             "S_l": bootstrap_ci([length_score(x["length"], x["response_length"]) for x in v])}
-                         for g, v in groups.items() if v}
+    results, gain = real_results(rows, preds, cfg.samples, cfg.eval_min, cfg.eval_max)
     header = ["asked (words)", "n"] + [f"{h} ({m})" for m in preds for h in ("words: mean, median", "S_l [95% CI]", "cut")]
     body = [[g, results["base"][g]["n"]] + [v for m in preds for v in (
                 f"{results[m][g]['words'][0]:.0f}, {results[m][g]['median']:.0f}", ci_text(*results[m][g]["S_l"]),
                 results[m][g]["cut"])] for g in results["base"]]
     print(f"base: SmolLM2-135M-Instruct; sft: the same after SFT on {len(records)} AgentWrite answers; sampling "
-          f"{cfg.temperature}/{cfg.top_p}, repetition penalty {cfg.repetition_penalty}; cut: answers that reached "
-          f"the limit; intervals: 95% bootstrap over prompts\n")
+          f"{cfg.temperature}/{cfg.top_p}, repetition penalty {cfg.repetition_penalty}; n: requests"
+          + (f", each answered {cfg.samples} times (mean words and S_l per request first, the median over answers)"
+             if cfg.samples > 1 else "") + "; cut: answers that reached the limit; intervals: 95% bootstrap over "
+          f"requests\n")
     print(table(body, header))
+    print(f"\nS_l gain, sft - base, paired over the same requests: {ci_text(*gain)}")
     plot = os.path.join(cfg.out, "lengths.svg")
     scatter_svg({f"({m})": [(x["length"], x["response_length"]) for x in p] for m, p in preds.items()}, plot,
                 title="Asked vs. written length, SmolLM2-135M-Instruct before and after SFT")
-    i = max(range(len(rows)), key=lambda k: preds["sft"][k]["response_length"] if rows[k]["source"] == "Ruler" else -1)
+    i = max(range(len(asked)), key=lambda k: preds["sft"][k]["response_length"] if asked[k]["source"] == "Ruler" else -1)
     for name, p in preds.items():
-        print(f"\n({name}) on {rows[i]['prompt'][:80]!r}: {p[i]['response_length']} words, longest run of one "
+        print(f"\n({name}) on {asked[i]['prompt'][:80]!r}: {p[i]['response_length']} words, longest run of one "
               f"sentence {longest_repeat(p[i]['response'])}\n  {passage(p[i]['response'])}")
     repeats = {m: sum(longest_repeat(x["response"]) >= 3 for x in p) for m, p in preds.items()}
-    sentence = real_conclusion(results, len(records))
+    sentence = real_conclusion(results, gain, len(records), cfg.eval_min, cfg.eval_max)
     sentence += (f" Answers with one sentence three or more times in a row: {repeats['base']} (base), "
-                 f"{repeats['sft']} (sft) of {len(rows)}.")
+                 f"{repeats['sft']} (sft) of {len(asked)}.")
     print(f"\nscatter plot: {plot}\n\n{sentence}")
-    write_json(os.path.join(cfg.out, "scores.json"), {"models": results, "repeats": repeats, "conclusion": sentence,
+    write_json(os.path.join(cfg.out, "scores.json"), {"models": results, "S_l_gain": gain, "samples": cfg.samples,
+                                                      "repeats": repeats, "conclusion": sentence,
                                                       "sft_answers": len(records)})
 
 

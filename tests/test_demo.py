@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cli import run_cli
-from demo import RealConfig, bootstrap_ci, longest_repeat, real_dtype, run_real, train_instructions
+from demo import (RealConfig, bootstrap_ci, longest_repeat, real_conclusion, real_dtype, real_results, run_real,
+                  train_instructions)
 
 TINY = ["--steps", "12", "--prompts-per-length", "2", "--eval-lengths", "100,400", "--short-cap", "200",
         "--long-cap", "400", "--pair-instructions", "4", "--pair-samples", "3", "--dpo-steps", "2", "--slots", "4"]
@@ -83,7 +84,7 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     write_gguf(tmp_path / "tiny.gguf", quantized=True, context=2048)
     cfg = RealConfig(out=str(tmp_path / "real"), gguf=str(tmp_path / "tiny.gguf"), eval_min=2800, eval_max=3000,
                      limit_factor=0.02, train_items=3, train_lengths="60,90", section_words=30, sft_epochs=2,
-                     freeze_layers=1, max_tokens=1024, slots=4)
+                     freeze_layers=1, max_tokens=1024, slots=4, samples=2)
     writer = Writer()
     run_real(cfg, writer=writer)
     stdout = capsys.readouterr().out
@@ -92,16 +93,40 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
                  "agentwrite.jsonl", "sft/finished", "pred-sft.jsonl", "lengths.svg", "scores.json"):
         assert (out / name).exists(), name
     preds = [json.loads(l) for l in open(out / "pred-base.jsonl")]
-    assert len(preds) == 4 and {p["length"] for p in preds} == {2800, 3000}  # LongBench-Write's English rows
+    assert len(preds) == 8 and {p["length"] for p in preds} == {2800, 3000}  # LongBench-Write's 4 English rows
+    assert [(p["index"], p["sample"]) for p in sorted(preds, key=lambda p: p["index"])] == [(i, i % 2) for i in range(8)]
+    assert all(preds[i]["prompt"] == preds[i + 1]["prompt"] for i in (0, 2, 4, 6))  # 2 answers per request, in turn
     assert all(p["generation"]["max_new_tokens"] == int(0.02 * 1.35 * p["length"]) for p in preds)
     assert all(p["generation"]["dtype"] == real_dtype(cfg) for p in preds)  # another dtype: answered again
     records = [json.loads(l) for l in open(out / "agentwrite.jsonl")]
     assert len(records) == 3 and writer.calls == 2 + 3 + 2  # 60 words: 2 sections, 90: 3, 60: 2
     scores = json.load(open(out / "scores.json"))
     assert set(scores["models"]) == {"base", "sft"} and scores["conclusion"] in stdout
+    assert scores["models"]["base"]["all"]["n"] == 4 and scores["models"]["base"]["all"]["answers"] == 8
+    assert "paired over the same requests" in scores["conclusion"] and len(scores["S_l_gain"]) == 3
     assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
     run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
     assert writer.calls == 7 and capsys.readouterr().out.count("| all ") == 1
+
+
+def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_paired():
+    def answers(words):  # two requests asking 1,000 and 2,000 words, two answers each
+        return [{"length": n, "response_length": w, "finish_reason": "stop", "source": "Ruler"}
+                for n, w in zip((1000, 1000, 2000, 2000), words)]
+    rows = [{"length": 1000, "source": "Ruler"}, {"length": 2000, "source": "Ruler"}]
+    preds = {"base": answers([1000, 250, 2000, 2000]), "sft": answers([1000, 1000, 2000, 2000])}
+    results, gain = real_results(rows, preds, 2, 1000, 2000)
+    base = results["base"]["all"]
+    # S_l: 100 and 0 (a quarter of the asked words) average to 50 for the first request; the second scores 100
+    assert base["n"] == 2 and base["answers"] == 4 and base["S_l"][0] == pytest.approx(75.0)
+    assert base["words"][0] == pytest.approx((625 + 2000) / 2) and base["median"] == 1500
+    assert results["base"]["1000"]["S_l"][0] == pytest.approx(50.0) and results["sft"]["all"]["S_l"][0] == 100
+    assert gain[0] == pytest.approx(25.0) and gain[1] >= 0 and gain[2] <= 50  # per request: +50 and 0
+    text = real_conclusion(results, gain, 3, 1000, 2000)
+    assert text.startswith("Asked for 2 pieces of 1,000-2,000 words (2 answers each), the base model ended 4 of its 4")
+    assert "paired over the same requests the gain is 25.0 [" in text
+    with pytest.raises(SystemExit, match="--samples 0: each request needs at least 1 answer"):
+        run_real(RealConfig(samples=0, out="/nonexistent/never-made"))  # refused before anything is written
 
 
 def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs():
