@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import requests
 
-from dataset import DataError, count_words, read_jsonl
+from dataset import TOKENS_PER_WORD, DataError, count_words, read_jsonl
 
 PLAN_PROMPT = """Plan the piece of writing requested below so that it can be drafted one paragraph at a time.
 
@@ -482,7 +482,8 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
         prompt = fill(cfg.write_template, instruction=instruction, plan=plan_text(steps), text=written,
                       step=f"paragraph {i + 1} of {len(steps)} ({step['point']}; {step['words']} words)",
                       point=step["point"], words=str(step["words"]))
-        limit = int(cfg.section_limit * 1.35 * step["words"]) if cfg.section_limit > 0 else 3 * step["words"] + 200
+        limit = (int(cfg.section_limit * TOKENS_PER_WORD * step["words"]) if cfg.section_limit > 0
+                 else 3 * step["words"] + 200)
         text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=limit,
                                        temperature=cfg.temperature)
         text = text.strip()
@@ -522,8 +523,7 @@ class AgentConfig:
     plan: str = "model"                  # model: the writer plans (the paper's way); skeleton: the code lays out
                                          # sections and counts from the asked length (for small local writers)
     section_words: int = 350             # --plan skeleton: about this many words a section
-    section_limit: float = 0.0           # > 0: a paragraph may run to this x its planned words (1.35 tokens a word),
-                                         # then is cut back to its last full sentence; 0: 3 x its words + 200 tokens
+    section_limit: float = 0.0           # > 0: cut a paragraph past this x its words, at its last sentence; 0: 3x + 200 tokens
     repetition_penalty: float = 1.0      # --checkpoint: > 1 penalizes the last 64 tokens (1.1 for small models)
     no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call

@@ -18,6 +18,9 @@ import sentencepiece
 import tokenizers
 
 
+TOKENS_PER_WORD = 1.35  # English text in the BPE tokenizers we use: for token limits derived from asked words
+
+
 def count_words(text: str) -> int:
     """LongBench-Write's length: every Chinese character counts one, every English word one."""
     return len(re.findall(r"[\u4e00-\u9fff]", text)) + len(re.findall(r"\b[a-zA-Z]+\b", text))

@@ -30,7 +30,8 @@ import torch
 
 import agentwrite
 from convert_gguf import convert, smollm2_gguf
-from dataset import TOPICS, WORDINGS, add_flags, chat_prompt_ids, load_tokenizer, read_jsonl, write_builtin
+from dataset import (TOKENS_PER_WORD, TOPICS, WORDINGS, add_flags, chat_prompt_ids, load_tokenizer, read_jsonl,
+                     write_builtin)
 from evaluate import checkpoint_identity, length_score, predict_local, read_rows, scatter_svg, table
 from generate import context_of
 from model import Transformer, compute_dtype, read_config, write_json
@@ -356,7 +357,7 @@ def answer_real(ckpt, rows, out_path, cfg) -> list[dict]:
     dtype = real_dtype(cfg)
     model, tok = Transformer.from_pretrained(ckpt, compute_dtype(dtype, cfg.device), cfg.device).eval(), load_tokenizer(ckpt)
     room = [context_of(model) - len(chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}])) for r in rows]
-    limits = [min(m, int(cfg.limit_factor * 1.35 * r["length"])) for m, r in zip(room, rows)]
+    limits = [min(m, int(cfg.limit_factor * TOKENS_PER_WORD * r["length"])) for m, r in zip(room, rows)]
     return predict_local(model, tok, rows, out_path, limits, temperature=cfg.temperature, top_p=cfg.top_p,
                          batch_size=cfg.slots, seed=cfg.seed, compile=cfg.device.startswith("cuda"),
                          model_id={**checkpoint_identity(ckpt), "dtype": dtype}, repetition_penalty=cfg.repetition_penalty,

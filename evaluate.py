@@ -161,7 +161,7 @@ def table(rows: list[list], header: list[str]) -> str:
 # -----------------------------------------------------------------------------
 # predict
 
-def resume_predictions(out_path, settings: list[dict], overwrite=False, log=print, rows=None) -> set:
+def resume_predictions(out_path, settings: list[dict], rows: list[dict], overwrite=False, log=print) -> set:
     """The indices already answered in out_path by the same model and generation settings, for the same request.
     Every prediction row carries the "generation" that made it and the fields of the row it answers; one made
     otherwise (another checkpoint, temperature, limit, system turn...) or for another request at that index (the
@@ -179,7 +179,7 @@ def resume_predictions(out_path, settings: list[dict], overwrite=False, log=prin
             diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in (want or {}).items() if have.get(k) != v]
             raise ValueError(f"{out_path}: row {i} was made by other settings ({'; '.join(diff[:3]) or 'no generation record'}"
                              f"){hint}")
-        moved = [k for k, v in (rows[i] if rows else {}).items() if p.get(k) != v]
+        moved = [k for k, v in rows[i].items() if p.get(k) != v]
         if moved:
             raise ValueError(f"{out_path}: row {i} answers another request than row {i} now (its {', '.join(moved[:3])} "
                              f"differ: {str(p.get(moved[0]))[:60]!r} there, {str(rows[i][moved[0]])[:60]!r} now){hint}")
@@ -218,7 +218,7 @@ def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5,
     model_id = model_id or {"model": "unnamed"}
     settings = [generation_record(model_id, m, temperature, top_p, seed, system, repetition_penalty, no_repeat_ngram)
                 for m in limits]
-    done = resume_predictions(out_path, settings, overwrite, log, rows)
+    done = resume_predictions(out_path, settings, rows, overwrite, log)
     out = JsonlLog(out_path)
     todo = [i for i in range(len(rows)) if i not in done]
     answers = generate_many(model, [prompts[i] for i in todo], [limits[i] for i in todo], tok.stop_ids, batch_size,
@@ -237,7 +237,7 @@ def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, mo
                 log=print):
     """Answer every row through an endpoint (max_new_tokens 0: the server's own limit); resumable as predict_local."""
     settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature, None, None, "")] * len(rows)
-    done = resume_predictions(out_path, settings, overwrite, log, rows)
+    done = resume_predictions(out_path, settings, rows, overwrite, log)
     out = JsonlLog(out_path)
 
     def one(i, r):
