@@ -10,7 +10,8 @@ Input lines hold at least "prompt" (other fields, an "id" included, are copied t
 lines are SFT records {"messages": [user, assistant]} with the parsed plan, the plan as the model wrote it
 ("plan_text") and per-paragraph word counts as metadata. Every finished plan and paragraph is appended to
 OUTPUT.cache.jsonl as it arrives, keyed by the prompt's text (not its line): rerun the same command after a
-crash, or after editing the input file, and only unfinished calls are made.
+crash, or after editing the input file, and only unfinished calls are made. The writer and its settings are
+recorded (in the cache, and as each record's "writer"): a rerun with others is refused rather than mixed in.
 """
 import argparse
 import hashlib
@@ -22,6 +23,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -400,6 +402,47 @@ class JsonlLog:
             os.fsync(f.fileno())
 
 
+def checkpoint_identity(path) -> dict:
+    """What a prediction file or an AgentWrite output records of the checkpoint that wrote it: its folder name
+    and a digest of its config and weights (a moved folder is the same model; other weights under the same name are not)."""
+    from dataset import file_digest
+    from model import checkpoint_files
+    weights = file_digest(os.path.join(path, "config.json"), *checkpoint_files(path))[:16]
+    return {"model": os.path.basename(os.path.normpath(path)), "weights": weights}
+
+
+def writer_settings(cfg) -> dict:
+    """What decides the text of a call. Cached plans and paragraphs are reused only under the same settings:
+    another writer's paragraphs, or ones asked at another length, would be stitched into new answers unseen."""
+    if cfg.checkpoint:
+        writer = checkpoint_identity(cfg.checkpoint)
+    else:  # the endpoint without any user:password@ or ?query, where a key could hide
+        url = urllib.parse.urlsplit(cfg.api_base)
+        writer = {"api_base": f"{url.scheme}://{url.hostname or ''}{':%d' % url.port if url.port else ''}{url.path}",
+                  "model": cfg.model}
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
+    return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
+            "temperature": cfg.temperature, "repetition_penalty": cfg.repetition_penalty,
+            "no_repeat_ngram": cfg.no_repeat_ngram, "plan_tokens": cfg.plan_tokens, "system": cfg.system,
+            "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template)}
+
+
+def check_settings(output: "JsonlLog", cache: "JsonlLog", settings: dict, log=print):
+    """Refuse to resume files written under other settings, naming the difference; record ours in the cache."""
+    recorded = ([(cache.path, r["settings"]) for r in cache.read() if r["kind"] == "settings"]
+                + [(output.path, r["writer"]) for r in output.read() if "writer" in r])
+    for path, have in recorded:
+        if have != settings:
+            diff = [f"{k}: {have.get(k)!r} there, {settings.get(k)!r} now" for k in {**have, **settings}
+                    if have.get(k) != settings.get(k)]
+            raise ValueError(f"{path}: written with other settings ({'; '.join(diff[:3])}); rerun with the same "
+                             "ones, write to another --output, or --overwrite to start it afresh")
+    if not any(path == cache.path for path, _ in recorded):
+        if cache.read():
+            log(f"{cache.path}: no settings recorded (written before they were); its calls are reused as they are")
+        cache.append({"kind": "settings", "settings": settings})
+
+
 def item_key(prompt: str, occurrence: int) -> str:
     """What an instruction is known by in the output and the cache: its text, not its line, so that
     editing the input file (a line inserted above) never reruns finished work. The k-th repeat of
@@ -535,6 +578,7 @@ class AgentConfig:
     dtype: str = ""                      # --checkpoint: its weights' dtype (default: bfloat16 on CUDA, float32 on CPU)
     plan_template: str = PLAN_PROMPT
     write_template: str = WRITE_PROMPT   # with --plan skeleton and no --write-prompt: SECTION_PROMPT
+    overwrite: bool = False              # start OUTPUT and its cache afresh (needed to change the settings above)
 
 
 def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
@@ -568,10 +612,18 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         else:
             client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                 cfg.max_retries, cfg.backoff)
+    if cfg.overwrite:
+        for path in (cfg.output, cfg.output + ".cache.jsonl"):
+            if os.path.exists(path):
+                os.remove(path)
     output, cache = JsonlLog(cfg.output), JsonlLog(cfg.output + ".cache.jsonl")
-    finished = {r["key"] for r in output.read()} | {r["key"] for r in cache.read() if r["kind"] == "dropped"}
-    state = {}
+    settings = writer_settings(cfg)
+    check_settings(output, cache, settings, log)
+    # a dropped item is judged again from its cached paragraphs (no call), so another --min/--max-ratio applies
+    finished, state = {r["key"] for r in output.read()}, {}
     for r in cache.read():
+        if r["kind"] == "settings":
+            continue
         s = state.setdefault(r["key"], {})
         if r["kind"] == "plan":
             s["plan"], s["plan_text"] = r["steps"], r.get("text", "")
@@ -599,7 +651,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
                 outcome, msg = "dropped", (f"{name}: dropped, {rec['words']} words against {rec['planned_words']} planned "
                                            f"({ratio:.0%}; kept: {cfg.min_ratio:.0%} to {cfg.max_ratio:.0%})")
             else:  # the input's own fields (its "id" too) are kept; "id" defaults to the key
-                output.append({"id": key, **{k: v for k, v in src.items() if k != "prompt"}, **rec})
+                output.append({"id": key, **{k: v for k, v in src.items() if k != "prompt"}, **rec, "writer": settings})
                 outcome, msg = "done", None
         with lock:
             counts[outcome] += 1

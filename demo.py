@@ -32,7 +32,7 @@ import agentwrite
 from convert_gguf import convert, smollm2_gguf
 from dataset import (TOKENS_PER_WORD, TOPICS, WORDINGS, add_flags, chat_prompt_ids, load_tokenizer, read_jsonl,
                      write_builtin)
-from evaluate import checkpoint_identity, length_score, predict_local, read_rows, scatter_svg, table
+from evaluate import length_score, predict_local, read_rows, scatter_svg, table
 from generate import context_of
 from model import Transformer, compute_dtype, read_config, write_json
 from train_dpo import DPOConfig, build_pairs
@@ -113,7 +113,7 @@ def answer(ckpt, rows, out_path, cfg):
     model = Transformer.from_pretrained(ckpt, dtype, cfg.device).eval()
     return predict_local(model, load_tokenizer(ckpt), rows, out_path, [int(4.7 * r["length"]) + 64 for r in rows],
                          temperature=cfg.temperature, top_p=1.0, batch_size=cfg.slots, seed=cfg.seed,
-                         compile=cfg.device.startswith("cuda"), model_id=checkpoint_identity(ckpt), log=lambda s: None)
+                         compile=cfg.device.startswith("cuda"), model_id=agentwrite.checkpoint_identity(ckpt), log=lambda s: None)
 
 
 def results_of(preds, lengths, long_cap, short_cap):
@@ -360,7 +360,7 @@ def answer_real(ckpt, rows, out_path, cfg) -> list[dict]:
     limits = [min(m, int(cfg.limit_factor * TOKENS_PER_WORD * r["length"])) for m, r in zip(room, rows)]
     return predict_local(model, tok, rows, out_path, limits, temperature=cfg.temperature, top_p=cfg.top_p,
                          batch_size=cfg.slots, seed=cfg.seed, compile=cfg.device.startswith("cuda"),
-                         model_id={**checkpoint_identity(ckpt), "dtype": dtype}, repetition_penalty=cfg.repetition_penalty,
+                         model_id={**agentwrite.checkpoint_identity(ckpt), "dtype": dtype}, repetition_penalty=cfg.repetition_penalty,
                          no_repeat_ngram=cfg.no_repeat_ngram, log=lambda s: None)
 
 

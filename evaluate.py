@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from agentwrite import APIError, AuthError, ChatClient, JsonlLog
+from agentwrite import APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity
 from dataset import DataError, count_words, read_jsonl
 from model import write_json
 
@@ -491,15 +491,6 @@ class EvalConfig:
     max_retries: int = 5
     timeout: float = 600.0
     seed: int = 0
-
-
-def checkpoint_identity(path) -> dict:
-    """What a prediction file records of the checkpoint that made it: its folder name and a digest of its
-    config and weights (a moved folder is the same model; other weights under the same name are not)."""
-    from dataset import file_digest
-    from model import checkpoint_files
-    weights = file_digest(os.path.join(path, "config.json"), *checkpoint_files(path))[:16]
-    return {"model": os.path.basename(os.path.normpath(path)), "weights": weights}
 
 
 def main():

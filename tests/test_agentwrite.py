@@ -150,7 +150,8 @@ def test_a_killed_run_reruns_only_unfinished_calls_and_writes_no_duplicate(tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = [json.loads(l) for l in cache_file.read_text().splitlines() if l.endswith("}")]
-    finished = {(r["key"], "plan" if r["kind"] == "plan" else f"p{r['i'] + 1}") for r in before}
+    finished = {(r["key"], "plan" if r["kind"] == "plan" else f"p{r['i'] + 1}") for r in before
+                if r["kind"] in ("plan", "paragraph")}
     assert 0 < len(finished) < 4 * 4  # killed in the middle
     first_run_calls = len(server.calls)
     assert subprocess.run(args, cwd=ROOT, capture_output=True).returncode == 0
@@ -537,3 +538,66 @@ def test_section_limit_cuts_a_rambling_section_at_its_last_sentence_so_the_answe
     with pytest.raises(ValueError, match="--section-limit -1"):
         run(AgentConfig(input=str(inputs), output=str(tmp_path / "o.jsonl"), plan="skeleton", section_limit=-1),
             client=RamblingWriter(), log=quiet)
+
+
+class CountingWriter(RamblingWriter):
+    def __init__(self):
+        self.calls = 0
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        self.calls += 1
+        return super().complete(messages, max_tokens, temperature)
+
+
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_afresh(tmp_path):
+    inputs, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    cfg = lambda **kw: AgentConfig(**{"input": str(inputs), "output": str(out), "plan": "skeleton", "workers": 1,
+                                      "section_limit": 1.5, **kw})
+    assert run(cfg(), client=SectionWriter(), log=quiet)["done"] == 1
+    assert json.loads(out.read_text())["writer"]["temperature"] == 0.7
+    writer = SectionWriter()
+    with pytest.raises(ValueError, match=r"out.jsonl.cache.jsonl: written with other settings \(temperature: 0.7 there, "
+                                         r"0.9 now\); .*--overwrite"):
+        run(cfg(temperature=0.9), client=writer, log=quiet)
+    with pytest.raises(ValueError, match=r"section_limit: 1.5 there, 2.0 now"):
+        run(cfg(section_limit=2.0), client=writer, log=quiet)
+    assert writer.calls == [] and len(out.read_text().splitlines()) == 1  # nothing called, nothing lost
+    os.remove(str(out) + ".cache.jsonl")  # the records themselves say who wrote them
+    with pytest.raises(ValueError, match=r"out.jsonl: written with other settings \(temperature"):
+        run(cfg(temperature=0.9), client=writer, log=quiet)
+    counts = run(cfg(temperature=0.9, overwrite=True), client=writer, log=quiet)
+    assert counts["done"] == 1 and counts["skipped"] == 0 and len(writer.calls) == 3
+    assert [json.loads(l)["writer"]["temperature"] for l in out.read_text().splitlines()] == [0.9]
+
+
+def test_a_cache_from_before_settings_were_recorded_is_reused_and_said_so(tmp_path):
+    inputs, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    cfg = AgentConfig(input=str(inputs), output=str(out), plan="skeleton", workers=1)
+    assert run(cfg, client=SectionWriter(), log=quiet)["done"] == 1
+    cache = out.with_name("out.jsonl.cache.jsonl")
+    cache.write_text("".join(l + "\n" for l in cache.read_text().splitlines() if '"settings"' not in l))
+    out.write_text(json.dumps({k: v for k, v in json.loads(out.read_text()).items() if k != "writer"}) + "\n")
+    writer, lines = SectionWriter(), []
+    assert run(cfg, client=writer, log=lines.append)["skipped"] == 1 and writer.calls == []
+    assert any("no settings recorded (written before they were)" in l for l in lines)
+    assert sum('"settings"' in l for l in cache.read_text().splitlines()) == 1  # recorded from now on
+
+
+def test_a_dropped_answer_is_judged_again_from_the_cache_under_another_max_ratio(tmp_path):
+    inputs, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    writer = CountingWriter()
+    cfg = lambda **kw: AgentConfig(input=str(inputs), output=str(out), plan="skeleton", workers=1, **kw)
+    assert run(cfg(), client=writer, log=quiet)["dropped"] == 1 and writer.calls == 3  # 2.6x its plan
+    assert run(cfg(), client=writer, log=quiet)["dropped"] == 1 and writer.calls == 3  # the same verdict, no call
+    assert run(cfg(max_ratio=3.0), client=writer, log=quiet)["done"] == 1 and writer.calls == 3
+    assert json.loads(out.read_text())["words"] > 2 * 1050
+
+
+def test_an_endpoints_password_or_query_is_never_recorded(tmp_path):
+    from agentwrite import writer_settings
+    cfg = AgentConfig(api_base="https://user:sk-SECRET@api.example.com:8443/v1?key=sk-SECRET2", model="m")
+    settings = writer_settings(cfg)
+    assert settings["api_base"] == "https://api.example.com:8443/v1" and "SECRET" not in json.dumps(settings)
