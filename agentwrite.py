@@ -326,7 +326,14 @@ class LocalClient:
         self.repetition_penalty, self.no_repeat_ngram = repetition_penalty, no_repeat_ngram
         # a cache row: the model's context (or --context), at most row_len tokens (the cache holds max_batch rows)
         self.row_len = min(row_len, context_of(self.model, context))
-        threading.Thread(target=self.serve, daemon=True).start()
+        self.closed, self.thread = False, threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        """Stop serving once the calls in flight are answered. Exiting while the thread still sets up its
+        cache aborts the process ("terminate called without an active exception"), so callers close first."""
+        self.requests.put(None)
+        self.thread.join()
 
     def chat(self, messages, max_tokens, temperature=0.7) -> str:
         return self.complete(messages, max_tokens, temperature)[0]
@@ -353,14 +360,19 @@ class LocalClient:
         pending = set()
 
         def next_request(block):
+            if self.closed:
+                return None
             try:
                 req = self.requests.get(block=block)
             except queue.Empty:
                 return None
+            if req is None:  # close()
+                self.closed = True
+                return None
             pending.add(req[0])
             return req
 
-        while True:  # a failure fails the calls in flight, then serving goes on
+        while not self.closed:  # a failure fails the calls in flight, then serving goes on
             try:
                 for done, ids in continuous(self.model, next_request, self.max_batch, self.row_len, top_p=0.8,
                                             seed=self.seed, compile=self.compile,
@@ -604,14 +616,6 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
             raise ValueError(f"{getattr(cfg, name + '_prompt') or name + ' prompt'}: no {{{missing[0]}}} marker "
                              f"(the {name} prompt needs {', '.join('{' + m + '}' for m in markers)})")
     items = read_instructions(cfg.input)
-    if client is None:
-        if cfg.checkpoint:
-            client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context,
-                                 repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
-                                 dtype=cfg.dtype)
-        else:
-            client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
-                                cfg.max_retries, cfg.backoff)
     if cfg.overwrite:
         for path in (cfg.output, cfg.output + ".cache.jsonl"):
             if os.path.exists(path):
@@ -632,6 +636,14 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
             if r.get("trimmed"):
                 s.setdefault("trimmed", set()).add(r["i"])
     todo = [(key, src) for key, src in items if key not in finished]
+    own = client is None and todo  # made here, closed here; none when there is nothing to write
+    if own and cfg.checkpoint:
+        client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context,
+                             repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
+                             dtype=cfg.dtype)
+    elif own:
+        client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
+                            cfg.max_retries, cfg.backoff)
     counts = {"done": 0, "failed": 0, "dropped": 0, "skipped": len(items) - len(todo), "words": 0}
     lock, t0 = threading.Lock(), time.time()
 
@@ -663,14 +675,18 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
             log(f"[{n}/{len(todo)}] done {counts['done']} | failed {counts['failed']} | dropped {counts['dropped']} "
                 f"| {counts['words']:,} words | eta {eta / 60:.1f} min")
 
-    with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-        futures = [pool.submit(one, key, src) for key, src in todo]
-        try:
-            for f in futures:
-                f.result()
-        except AuthError:
-            pool.shutdown(cancel_futures=True)
-            raise
+    try:
+        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+            futures = [pool.submit(one, key, src) for key, src in todo]
+            try:
+                for f in futures:
+                    f.result()
+            except AuthError:
+                pool.shutdown(cancel_futures=True)
+                raise
+    finally:
+        if own and isinstance(client, LocalClient):
+            client.close()
     log(f"summary: {counts['done']} written, {counts['failed']} failed, {counts['dropped']} dropped outside "
         f"{cfg.min_ratio:.0%}-{cfg.max_ratio:.0%} of the planned length, {counts['skipped']} already done; "
         f"{counts['words']:,} words -> {cfg.output}")

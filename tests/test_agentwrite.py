@@ -601,3 +601,21 @@ def test_an_endpoints_password_or_query_is_never_recorded(tmp_path):
     cfg = AgentConfig(api_base="https://user:sk-SECRET@api.example.com:8443/v1?key=sk-SECRET2", model="m")
     settings = writer_settings(cfg)
     assert settings["api_base"] == "https://api.example.com:8443/v1" and "SECRET" not in json.dumps(settings)
+
+
+def test_a_finished_local_rerun_loads_no_model_and_a_closed_client_exits_cleanly(tmp_path, monkeypatch):
+    import agentwrite
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    tiny_checkpoint(ckpt)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    cfg = AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton", checkpoint=str(ckpt))
+    assert run(cfg, client=SectionWriter(), log=quiet)["done"] == 1
+    assert json.loads((tmp_path / "out.jsonl").read_text())["writer"]["model"] == "ckpt"
+    monkeypatch.setattr(agentwrite, "LocalClient", lambda *a, **k: pytest.fail("a model was loaded for nothing"))
+    assert run(cfg, log=quiet)["skipped"] == 1
+    # a process exiting while the serving thread sets up its cache aborts (rc 134) on the real model; close() first
+    code = f"from agentwrite import LocalClient; LocalClient({str(ckpt)!r}, device='cpu', max_batch=4).close()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
