@@ -539,12 +539,17 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
                       point=step["point"], words=str(step["words"]))
         limit = (int(cfg.section_limit * TOKENS_PER_WORD * step["words"]) if cfg.section_limit > 0
                  else 3 * step["words"] + 200)
-        text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=limit,
-                                       temperature=cfg.temperature)
-        text = text.strip()
-        kept = trim_to_sentence(text, finish == "length")
-        if not kept:
-            raise APIError(f"paragraph {i + 1} stops mid-sentence and has no complete sentence")
+        for attempt in range(1, cfg.paragraph_attempts + 1):  # a sampled writer gets it right on another try
+            text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=limit,
+                                           temperature=cfg.temperature)
+            text = text.strip()
+            if kept := trim_to_sentence(text, finish == "length"):
+                break
+            log(f"{name}: paragraph {i + 1} has no complete sentence (attempt {attempt} of {cfg.paragraph_attempts}); "
+                f"it began {text[:60]!r}")
+        else:
+            raise APIError(f"paragraph {i + 1} stopped mid-sentence with no complete sentence, "
+                           f"{cfg.paragraph_attempts} times")
         paragraphs[i] = kept
         cache.append({"key": key, "kind": "paragraph", "i": i, "text": kept, "finish_reason": finish,
                       "trimmed": kept != text})
@@ -583,6 +588,7 @@ class AgentConfig:
     no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call
     plan_attempts: int = 3               # plans asked per item before it fails (rejected ones stay in the cache)
+    paragraph_attempts: int = 3          # a paragraph with no complete sentence is asked again, up to this many times
     min_ratio: float = 0.5               # drop answers shorter than this x the planned words
     max_ratio: float = 1.5               # drop answers longer than this x the planned words
     system: str = ""                     # --checkpoint: system turn; empty: the chat template's default (if any)
@@ -599,6 +605,8 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         raise ValueError(f"--plan must be model or skeleton, not {cfg.plan!r}")
     if cfg.section_words < 1:
         raise ValueError("--section-words must be positive")
+    if cfg.paragraph_attempts < 1:
+        raise ValueError(f"--paragraph-attempts {cfg.paragraph_attempts}: at least 1")
     if cfg.section_limit < 0:
         raise ValueError(f"--section-limit {cfg.section_limit:g}: 0 (the default limit) or a positive factor")
     if cfg.plan == "skeleton" and not cfg.write_prompt and cfg.write_template == WRITE_PROMPT:

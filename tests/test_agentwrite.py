@@ -619,3 +619,32 @@ def test_a_finished_local_rerun_loads_no_model_and_a_closed_client_exits_cleanly
     code = f"from agentwrite import LocalClient; LocalClient({str(ckpt)!r}, device='cpu', max_batch=4).close()"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+class StumblingWriter(SectionWriter):
+    """Its first answer to each section has no complete sentence (a small model's heading or broken-off list)."""
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        text, finish = super().complete(messages, max_tokens, temperature)
+        tries = sum(c == self.calls[-1] for c in self.calls)
+        return (("## Tides and the moon\n- the pull of the moon on the sea and the way it", "length") if tries <= self.bad
+                else (text, finish))
+
+
+def test_a_paragraph_with_no_complete_sentence_is_asked_again_before_the_item_fails(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides.", "id": "tides"}) + "\n")
+    cfg = lambda out, **kw: AgentConfig(input=str(inputs), output=str(tmp_path / out), plan="skeleton", workers=1, **kw)
+    writer, lines = StumblingWriter(), []
+    writer.bad = 2  # two broken answers per section, then a good one
+    counts = run(cfg("out.jsonl"), client=writer, log=lines.append)
+    assert counts["done"] == 1 and len(writer.calls) == 3 * 3
+    assert json.loads((tmp_path / "out.jsonl").read_text())["paragraph_words"] == [350, 350, 350]
+    assert sum("has no complete sentence (attempt" in l for l in lines) == 6
+    writer = StumblingWriter()
+    writer.bad = 3
+    counts = run(cfg("o2.jsonl"), client=writer, log=lines.append)
+    assert counts["failed"] == 1 and len(writer.calls) == 3
+    assert any("tides: failed: paragraph 1 stopped mid-sentence with no complete sentence, 3 times" in l for l in lines)
+    with pytest.raises(ValueError, match="--paragraph-attempts 0"):
+        run(cfg("o3.jsonl", paragraph_attempts=0), client=writer, log=quiet)
