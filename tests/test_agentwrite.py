@@ -615,6 +615,16 @@ def test_a_finished_local_rerun_loads_no_model_and_a_closed_client_exits_cleanly
     assert json.loads((tmp_path / "out.jsonl").read_text())["writer"]["model"] == "ckpt"
     monkeypatch.setattr(agentwrite, "LocalClient", lambda *a, **k: pytest.fail("a model was loaded for nothing"))
     assert run(cfg, log=quiet)["skipped"] == 1
+    # closing frees the model and its cache (16 rows x 8192 tokens of SmolLM2: 6 GB, held through SFT before)
+    import gc
+    import weakref
+    client = LocalClient(str(ckpt), device="cpu", max_batch=2, row_len=256)
+    client.chat([{"role": "user", "content": "the sea"}], 3)
+    model = weakref.ref(client.model)
+    client.close()
+    del client
+    gc.collect()
+    assert model() is None
     # a process exiting while the serving thread sets up its cache aborts (rc 134) on the real model; close() first
     code = f"from agentwrite import LocalClient; LocalClient({str(ckpt)!r}, device='cpu', max_batch=4).close()"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
