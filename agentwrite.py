@@ -313,7 +313,7 @@ class LocalClient:
     rows in use are decoded (eagerly), so one waiting call costs one row, up to max_batch rows at once."""
 
     def __init__(self, checkpoint, device=None, max_batch=8, template=None, system="", context=0, row_len=32768,
-                 seed=0, repetition_penalty=1.0, no_repeat_ngram=0, dtype=""):
+                 seed=0, repetition_penalty=1.0, no_repeat_ngram=0, dtype="", top_p=0.8):
         import torch
         from dataset import load_tokenizer
         from generate import context_of
@@ -323,7 +323,7 @@ class LocalClient:
         self.model = Transformer.from_pretrained(checkpoint, compute_dtype(dtype, device), device).eval()
         self.compile, self.system = device.startswith("cuda"), system
         self.max_batch, self.seed, self.requests = max_batch, seed, queue.Queue()
-        self.repetition_penalty, self.no_repeat_ngram = repetition_penalty, no_repeat_ngram
+        self.repetition_penalty, self.no_repeat_ngram, self.top_p = repetition_penalty, no_repeat_ngram, top_p
         # a cache row: the model's context (or --context), at most row_len tokens (the cache holds max_batch rows)
         self.row_len = min(row_len, context_of(self.model, context))
         self.closed, self.thread = False, threading.Thread(target=self.serve, daemon=True)
@@ -374,7 +374,7 @@ class LocalClient:
 
         while not self.closed:  # a failure fails the calls in flight, then serving goes on
             try:
-                for done, ids in continuous(self.model, next_request, self.max_batch, self.row_len, top_p=0.8,
+                for done, ids in continuous(self.model, next_request, self.max_batch, self.row_len, top_p=self.top_p,
                                             seed=self.seed, compile=self.compile,
                                             repetition_penalty=self.repetition_penalty,
                                             no_repeat_ngram=self.no_repeat_ngram):
@@ -434,7 +434,8 @@ def writer_settings(cfg) -> dict:
                   "model": cfg.model}
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
-            "temperature": cfg.temperature, "repetition_penalty": cfg.repetition_penalty,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings,
+            "repetition_penalty": cfg.repetition_penalty,
             "no_repeat_ngram": cfg.no_repeat_ngram, "plan_tokens": cfg.plan_tokens, "system": cfg.system,
             "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template)}
 
@@ -483,6 +484,32 @@ def read_instructions(path) -> list[tuple[str, dict]]:
 # one instruction: plan, then each paragraph in order
 
 SENTENCE_END = re.compile(r"[.!?。！？…](?:[\"'”’)）\]*_]*)$")
+
+
+# a writer that answers the requester ("I'm ready to help! What's your task?", "Sure, here is paragraph 2:") instead
+# of writing the piece: SmolLM2-135M began about one section in six that way, and the text would be trained on
+CHATTER_RE = re.compile(r"\W*(?:i(?:'m| am|'d| would|'ll| will) (?:be )?(?:ready|glad|happy|excited|delighted|here to|"
+                        r"sorry|unable|love to)\b|(?:sure|certainly|of course|absolutely)\b\s*[,!.]|"
+                        r"here(?:'s| is) (?:your|my) |thank(?:s| you)\b\s*(?:for\b|[,!.])|please provide\b|what(?:'s| is) your\b|"
+                        r"could you\b|to write (?:a|an|the|this|your)\b)", re.I)
+TITLE_RE = re.compile(r"^[ \t]*(?:<<[^\n]*>>|#{1,6} [^\n]*|\*\*[^\n]{1,100}\*\*:?|title:[^\n]*|\"?introduction:?\"?)"
+                      r"[ \t]*(?:\n+|$)", re.I)
+
+
+def untitled(text: str) -> str:
+    """The section without the title lines a writer puts on top of it ("<<Title>>", "Title: ...", "# ...",
+    "**...**", "Introduction:"): under --headings the code gives every section its own heading."""
+    body = text
+    for _ in range(2):
+        body = TITLE_RE.sub("", body, count=1).lstrip()
+    return body or text.strip()
+
+
+def heading(i: int, n: int) -> str:
+    """--headings: "## Part 2 of 6" over the second of six sections. Where a piece stands is then written in
+    the text, so a small model fine-tuned on it can copy the count forward and end after the last part,
+    instead of having to track thousands of words in its head."""
+    return f"## Part {i + 1} of {n}"
 
 
 def trim_to_sentence(text: str, cut: bool) -> str:
@@ -543,13 +570,15 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens=limit,
                                            temperature=cfg.temperature)
             text = text.strip()
-            if kept := trim_to_sentence(text, finish == "length"):
+            kept = trim_to_sentence(text, finish == "length")
+            problem = ("has no complete sentence" if not kept else
+                       "talks to the requester instead of writing the piece" if CHATTER_RE.match(kept) else "")
+            if not problem:
                 break
-            log(f"{name}: paragraph {i + 1} has no complete sentence (attempt {attempt} of {cfg.paragraph_attempts}); "
+            log(f"{name}: paragraph {i + 1} {problem} (attempt {attempt} of {cfg.paragraph_attempts}); "
                 f"it began {text[:60]!r}")
         else:
-            raise APIError(f"paragraph {i + 1} stopped mid-sentence with no complete sentence, "
-                           f"{cfg.paragraph_attempts} times")
+            raise APIError(f"paragraph {i + 1} {problem}, {cfg.paragraph_attempts} times")
         paragraphs[i] = kept
         cache.append({"key": key, "kind": "paragraph", "i": i, "text": kept, "finish_reason": finish,
                       "trimmed": kept != text})
@@ -557,10 +586,11 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             done.setdefault("trimmed", set()).add(i)
         log(f"{name}: paragraph {i + 1} of {len(steps)}: {count_words(kept)} words (planned {step['words']})"
             + (", cut back to its last full sentence" if kept != text else ""))
-    answer = "\n\n".join(paragraphs[i] for i in range(len(steps)))
+    sections = [untitled(paragraphs[i]) if cfg.headings else paragraphs[i] for i in range(len(steps))]
+    answer = "\n\n".join(f"{heading(i, len(steps))}\n\n{text}" if cfg.headings else text for i, text in enumerate(sections))
     return {"key": key, "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
             "plan": steps, "plan_text": done.get("plan_text", ""),
-            "paragraph_words": [count_words(paragraphs[i]) for i in range(len(steps))],
+            "paragraph_words": [count_words(text) for text in sections],
             "trimmed_paragraphs": sorted(done.get("trimmed", ())),
             "words": count_words(answer), "planned_words": sum(s["words"] for s in steps)}
 
@@ -580,10 +610,13 @@ class AgentConfig:
     timeout: float = 600.0               # seconds per call
     backoff: float = 1.0
     temperature: float = 0.7
+    top_p: float = 0.8                   # --checkpoint: nucleus sampling (generate.py's default)
     plan: str = "model"                  # model: the writer plans (the paper's way); skeleton: the code lays out
                                          # sections and counts from the asked length (for small local writers)
     section_words: int = 350             # --plan skeleton: about this many words a section
     section_limit: float = 0.0           # > 0: cut a paragraph past this x its words, at its last sentence; 0: 3x + 200 tokens
+    headings: bool = False               # each section under "## Part k of K" (its own title lines dropped): a small
+                                         # model trained on the answers can see how far it has come
     repetition_penalty: float = 1.0      # --checkpoint: > 1 penalizes the last 64 tokens (1.1 for small models)
     no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call
@@ -648,7 +681,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     if own and cfg.checkpoint:
         client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context,
                              repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
-                             dtype=cfg.dtype)
+                             dtype=cfg.dtype, top_p=cfg.top_p)
     elif own:
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                             cfg.max_retries, cfg.backoff)

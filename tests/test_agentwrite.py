@@ -655,6 +655,52 @@ def test_a_paragraph_with_no_complete_sentence_is_asked_again_before_the_item_fa
     writer.bad = 3
     counts = run(cfg("o2.jsonl"), client=writer, log=lines.append)
     assert counts["failed"] == 1 and len(writer.calls) == 3
-    assert any("tides: failed: paragraph 1 stopped mid-sentence with no complete sentence, 3 times" in l for l in lines)
+    assert any("tides: failed: paragraph 1 has no complete sentence, 3 times" in l for l in lines)
     with pytest.raises(ValueError, match="--paragraph-attempts 0"):
         run(cfg("o3.jsonl", paragraph_attempts=0), client=writer, log=quiet)
+
+
+class ChattyWriter(SectionWriter):
+    """SmolLM2-135M's habits with a section request: its first answer talks to the requester instead of writing,
+    and the second puts a title of its own on top of the section."""
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        text, finish = super().complete(messages, max_tokens, temperature)
+        tries = sum(c == self.calls[-1] for c in self.calls)
+        if tries == 1:
+            return "I'm ready to help! What's your task? Please provide the piece you'd like me to assist with.", "stop"
+        return f"<<Tides: Part {len(self.calls)}>>\n\nTitle: Tides\n\n{text}", finish
+
+
+def test_chatter_is_asked_again_and_headings_replace_the_writers_own_titles(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides.", "id": "tides"}) + "\n")
+    cfg = lambda out, **kw: AgentConfig(input=str(inputs), output=str(tmp_path / out), plan="skeleton", workers=1, **kw)
+    writer, lines = ChattyWriter(), []
+    assert run(cfg("plain.jsonl"), client=writer, log=lines.append)["done"] == 1 and len(writer.calls) == 6
+    assert sum("talks to the requester instead of writing the piece (attempt 1 of 3)" in l for l in lines) == 3
+    plain = json.loads((tmp_path / "plain.jsonl").read_text())["messages"][1]["content"]
+    assert "ready to help" not in plain and plain.startswith("<<Tides: Part 2>>")  # without --headings: as written
+    writer = ChattyWriter()
+    assert run(cfg("headed.jsonl", headings=True), client=writer, log=quiet)["done"] == 1
+    record = json.loads((tmp_path / "headed.jsonl").read_text())
+    parts = record["messages"][1]["content"].split("\n\n")
+    assert parts[0::2] == ["## Part 1 of 3", "## Part 2 of 3", "## Part 3 of 3"]  # each section under its place
+    assert all(p.startswith("Tides rise and fall") for p in parts[1::2])  # the writer's own titles are gone
+    assert record["paragraph_words"] == [350, 350, 350] and record["writer"]["headings"] is True
+    with pytest.raises(ValueError, match=r"headings: True there, False now"):  # records of both kinds never mix
+        run(cfg("headed.jsonl"), client=writer, log=quiet)
+
+
+@pytest.mark.parametrize("text,chatter", [
+    ("I'm ready to assist you with your project. Here's your request:", True),
+    ("Sure, here is paragraph 2: the tides.", True),
+    ("To write a compelling report on honeybees, you must cover their role.", True),
+    ("Thank you for asking! Tides are", True),
+    ("I walked down to the harbour. It was late.", False),
+    ("Thanks to the wind, the ship sailed home.", False),
+    ("Here is the harbour where it all began.", False),
+])
+def test_chatter_is_told_from_prose_that_starts_alike(text, chatter):
+    from agentwrite import CHATTER_RE
+    assert bool(CHATTER_RE.match(text)) is chatter
