@@ -287,6 +287,7 @@ class RealConfig:
     train_lengths: str = "1000,1500,2000,2500,3000"  # the lengths the training instructions ask for, in turn
     section_words: int = 350     # AgentWrite sections of about this many words (what the model writes when asked)
     section_limit: float = 1.5   # a section that runs past 1.5x its words is cut at its last sentence (it rambles on)
+    headings: bool = True        # each AgentWrite section under "## Part k of K": the fine-tuned model can see where it is
     temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
     top_p: float = 0.9
     samples: int = 1             # answers per held-out request; a request counts once, as the mean of its samples
@@ -459,8 +460,9 @@ def run_real(cfg: RealConfig, writer=None):
     if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
         agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
                                               section_words=cfg.section_words, section_limit=cfg.section_limit,
-                                              workers=cfg.slots, dtype=real_dtype(cfg),
-                                              temperature=cfg.temperature, repetition_penalty=cfg.repetition_penalty,
+                                              headings=cfg.headings, workers=cfg.slots, dtype=real_dtype(cfg),
+                                              temperature=cfg.temperature, top_p=cfg.top_p,
+                                              repetition_penalty=cfg.repetition_penalty,
                                               no_repeat_ngram=cfg.no_repeat_ngram),
                        client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
     records = read_jsonl(data, lambda r: r)[0] if os.path.isfile(data) else []

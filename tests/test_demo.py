@@ -100,6 +100,9 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert all(p["generation"]["dtype"] == real_dtype(cfg) for p in preds)  # another dtype: answered again
     records = [json.loads(l) for l in open(out / "agentwrite.jsonl")]
     assert len(records) == 3 and writer.calls == 2 + 3 + 2  # 60 words: 2 sections, 90: 3, 60: 2
+    assert sorted(re.findall(r"^## Part \d+ of \d+$", r["messages"][1]["content"], re.M) for r in records) == [
+        ["## Part 1 of 2", "## Part 2 of 2"]] * 2 + [["## Part 1 of 3", "## Part 2 of 3", "## Part 3 of 3"]]  # --headings
+    assert all(r["writer"]["top_p"] == cfg.top_p for r in records)  # sampled as the answers are
     scores = json.load(open(out / "scores.json"))
     assert set(scores["models"]) == {"base", "sft"} and scores["conclusion"] in stdout
     assert scores["models"]["base"]["all"]["n"] == 4 and scores["models"]["base"]["all"]["answers"] == 8
