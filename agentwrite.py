@@ -507,8 +507,9 @@ def untitled(text: str) -> str:
 
 def heading(i: int, n: int) -> str:
     """--headings: "## Part 2 of 6" over the second of six sections. Where a piece stands is then written in
-    the text, so a small model fine-tuned on it can copy the count forward and end after the last part,
-    instead of having to track thousands of words in its head."""
+    the text, so a small model fine-tuned on it need not track thousands of words in its head. On SmolLM2-135M
+    it gave longer answers than plain sections (BENCHMARKS.md), though the model did not learn to stop exactly
+    at the last part."""
     return f"## Part {i + 1} of {n}"
 
 
