@@ -616,8 +616,8 @@ class AgentConfig:
                                          # sections and counts from the asked length (for small local writers)
     section_words: int = 350             # --plan skeleton: about this many words a section
     section_limit: float = 0.0           # > 0: cut a paragraph past this x its words, at its last sentence; 0: 3x + 200 tokens
-    headings: bool = False               # each section under "## Part k of K" (its own title lines dropped): a small
-                                         # model trained on the answers can see how far it has come
+    headings: bool = False               # each section under "## Part k of K", the writer's own titles dropped
+                                         # (a small model trained on the answers sees how far it has come)
     repetition_penalty: float = 1.0      # --checkpoint: > 1 penalizes the last 64 tokens (1.1 for small models)
     no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call
