@@ -440,11 +440,16 @@ def writer_settings(cfg) -> dict:
             "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template)}
 
 
+# settings added after files were first written: what those files were written with (top-p was fixed at 0.8)
+SETTINGS_BEFORE = {"top_p": 0.8, "headings": False}
+
+
 def check_settings(output: "JsonlLog", cache: "JsonlLog", settings: dict, log=print):
     """Refuse to resume files written under other settings, naming the difference; record ours in the cache."""
     recorded = ([(cache.path, r["settings"]) for r in cache.read() if r["kind"] == "settings"]
                 + [(output.path, r["writer"]) for r in output.read() if "writer" in r])
     for path, have in recorded:
+        have = {**SETTINGS_BEFORE, **have}  # recorded before these were settings: written as these values
         if have != settings:
             diff = [f"{k}: {have.get(k)!r} there, {settings.get(k)!r} now" for k in {**have, **settings}
                     if have.get(k) != settings.get(k)]
@@ -641,6 +646,8 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         raise ValueError("--section-words must be positive")
     if cfg.paragraph_attempts < 1:
         raise ValueError(f"--paragraph-attempts {cfg.paragraph_attempts}: at least 1")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top-p {cfg.top_p:g}: a probability mass in (0, 1]")
     if cfg.section_limit < 0:
         raise ValueError(f"--section-limit {cfg.section_limit:g}: 0 (the default limit) or a positive factor")
     if cfg.plan == "skeleton" and not cfg.write_prompt and cfg.write_template == WRITE_PROMPT:

@@ -585,6 +585,23 @@ def test_a_cache_from_before_settings_were_recorded_is_reused_and_said_so(tmp_pa
     assert sum('"settings"' in l for l in cache.read_text().splitlines()) == 1  # recorded from now on
 
 
+def test_settings_recorded_before_top_p_and_headings_existed_resume_and_top_p_is_checked(tmp_path):
+    inputs, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    cfg = lambda **kw: AgentConfig(**{"input": str(inputs), "output": str(out), "plan": "skeleton", "workers": 1, **kw})
+    assert run(cfg(), client=SectionWriter(), log=quiet)["done"] == 1
+    for path in (out, out.with_name("out.jsonl.cache.jsonl")):  # as an older agentwrite wrote them
+        path.write_text(path.read_text().replace(', "top_p": 0.8, "headings": false', ""))
+    assert '"top_p"' not in out.read_text()
+    writer = SectionWriter()
+    assert run(cfg(), client=writer, log=quiet)["skipped"] == 1 and writer.calls == []  # the same defaults: reused
+    with pytest.raises(ValueError, match=r"top_p: 0.8 there, 0.9 now"):  # what it was written with, not None
+        run(cfg(top_p=0.9), client=writer, log=quiet)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"--top-p {bad:g}: a probability mass in \(0, 1\]"):
+            run(cfg(top_p=bad, output=str(tmp_path / "new.jsonl")), client=writer, log=quiet)
+
+
 def test_a_dropped_answer_is_judged_again_from_the_cache_under_another_max_ratio(tmp_path):
     inputs, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
