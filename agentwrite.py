@@ -423,15 +423,17 @@ def checkpoint_identity(path) -> dict:
     return {"model": os.path.basename(os.path.normpath(path)), "weights": weights}
 
 
+def endpoint_identity(api_base: str, model: str) -> dict:
+    """What a cache records of an endpoint: its URL without any user:password@ or ?query, where a key could hide."""
+    url = urllib.parse.urlsplit(api_base)
+    return {"api_base": f"{url.scheme}://{url.hostname or ''}{':%d' % url.port if url.port else ''}{url.path}",
+            "model": model}
+
+
 def writer_settings(cfg) -> dict:
     """What decides the text of a call. Cached plans and paragraphs are reused only under the same settings:
     another writer's paragraphs, or ones asked at another length, would be stitched into new answers unseen."""
-    if cfg.checkpoint:
-        writer = checkpoint_identity(cfg.checkpoint)
-    else:  # the endpoint without any user:password@ or ?query, where a key could hide
-        url = urllib.parse.urlsplit(cfg.api_base)
-        writer = {"api_base": f"{url.scheme}://{url.hostname or ''}{':%d' % url.port if url.port else ''}{url.path}",
-                  "model": cfg.model}
+    writer = checkpoint_identity(cfg.checkpoint) if cfg.checkpoint else endpoint_identity(cfg.api_base, cfg.model)
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings,

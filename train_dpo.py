@@ -6,6 +6,8 @@ Usage:
     python train_dpo.py --build-pairs instructions.jsonl --model SFT_DIR --pairs-out pairs.jsonl [--samples 4]
         [--api-base URL --sampler-model NAME]   sample through an endpoint instead of SFT_DIR in-process
         [--judge-model NAME]                    also score quality with an LLM judge at --api-base
+        [--top-p P --repetition-penalty R --no-repeat-ngram N]  in-process decoding, as the model is evaluated
+        [--overwrite]                           start PAIRS_OUT afresh (samples made otherwise are refused, not reused)
 
 Loss per pair, log-probs summed over the response tokens only (y_w chosen, y_l rejected):
     -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
@@ -28,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from agentwrite import APIError, AuthError, ChatClient, JsonlLog, parse_instruction
+from agentwrite import (APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity, endpoint_identity,
+                        parse_instruction)
 from dataset import (DataError, builtin_corpus, chat_prompt_ids, count_words, file_digest, load_tokenizer, read_jsonl,
                      tokenizer_files, write_builtin)
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
@@ -49,9 +52,13 @@ class DPOConfig(TrainConfig):
     # pair building (--build-pairs)
     build_pairs: str = ""       # instructions JSONL ("prompt", and "length" or a number of words in the prompt)
     pairs_out: str = "pairs.jsonl"
+    overwrite: bool = False     # training: start afresh in an --out holding another run; --build-pairs: PAIRS_OUT too
     samples: int = 4            # answers sampled per instruction
     max_new_tokens: int = 0     # per sample; 0 fills the model's context (an endpoint: its own limit)
     temperature: float = 0.8
+    top_p: float = 1.0          # --model in-process sampling only: nucleus sampling (1.0: off)
+    repetition_penalty: float = 1.0  # --model only: > 1 penalizes each answer's last 64 tokens (1.1 for small models)
+    no_repeat_ngram: int = 0    # --model only: >= 2, no answer repeats one of its own n-grams
     api_base: str = os.environ.get("OPENAI_BASE_URL", "")
     api_key_env: str = "OPENAI_API_KEY"
     sampler_model: str = ""     # sample through the endpoint with this model instead of --model in-process
@@ -210,7 +217,7 @@ def pick_pair(required: int, answers: list[str], quality: list[float] | None = N
     return answers[best], answers[worst], (scores[best], scores[worst])
 
 
-def sample_local(cfg: DPOConfig, todo: list[tuple], cache: JsonlLog, have: dict, log=print):
+def sample_local(cfg: DPOConfig, todo: list[tuple], cache: JsonlLog, have: dict, generation: dict, log=print):
     """Sample (index, k, prompt) requests with cfg.model in-process by continuous batching over cfg.workers rows:
     the K samples of an instruction are K rows. Requests go in a fixed order and the sampling is seeded, so
     the same instructions give the same samples run after run; each is cached as it ends, with its
@@ -222,11 +229,43 @@ def sample_local(cfg: DPOConfig, todo: list[tuple], cache: JsonlLog, have: dict,
     limits = [fit_new_tokens(model, len(p), cfg.max_new_tokens, what=f"instruction {i}")
               for p, (i, _, _) in zip(prompts, todo)]
     for n, (j, ids) in enumerate(generate_many(model, prompts, limits, tok.stop_ids, cfg.workers,
-                                               cfg.temperature, top_p=1.0, seed=cfg.seed, compile=device == "cuda"), 1):
-        index, k, _ = todo[j]
+                                               cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, compile=device == "cuda",
+                                               repetition_penalty=cfg.repetition_penalty,
+                                               no_repeat_ngram=cfg.no_repeat_ngram), 1):
+        index, k, prompt = todo[j]
         have.setdefault(index, {})[k] = (tok.decode(ids), finish_reason(ids, limits[j]))
-        cache.append({"index": index, "kind": "sample", "k": k, "text": have[index][k][0], "finish_reason": have[index][k][1]})
+        cache.append({"index": index, "kind": "sample", "k": k, "prompt": prompt, "text": have[index][k][0],
+                      "finish_reason": have[index][k][1], "generation": generation})
         log(f"pairs: {n}/{len(todo)} samples")
+
+
+def sampling_settings(cfg: DPOConfig, local: bool) -> dict:
+    """What decides a sample's text. Cached samples are reused only under the same ones: pairs from another
+    checkpoint's answers (a rerun after a new SFT) would otherwise train DPO on them unseen."""
+    if not local:
+        if (cfg.top_p, cfg.repetition_penalty, cfg.no_repeat_ngram) != (1.0, 1.0, 0):
+            raise ValueError("--top-p, --repetition-penalty and --no-repeat-ngram apply to in-process sampling with "
+                             "--model; an endpoint decodes with its own settings")
+        who = endpoint_identity(cfg.api_base, cfg.sampler_model) if cfg.sampler_model else {"sampler": "given by the caller"}
+        return {**who, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "system": cfg.system}
+    return {**checkpoint_identity(cfg.model), "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram": cfg.no_repeat_ngram,
+            "max_new_tokens": cfg.max_new_tokens, "system": cfg.system, "seed": cfg.seed}
+
+
+def check_cache(path: str, records: list[dict], want: dict, judge: str, prompts: list[str]):
+    """Refuse a cache written under other settings or for other instructions, naming the first difference."""
+    for line, r in enumerate(records, 1):
+        i = r.get("index")
+        if r.get("kind") == "sample" and not (isinstance(i, int) and 0 <= i < len(prompts) and r.get("prompt") == prompts[i]):
+            raise ValueError(f"{path}: line {line} answers another instruction than instruction {i} now (the "
+                             "instructions file changed); write to another --pairs-out, or --overwrite to start it afresh")
+        have, need = (r.get("judge"), judge) if r.get("kind") == "verdict" else (r.get("generation"), want)
+        if have != need:
+            diff = ([f"{k}: {(have or {}).get(k)!r} there, {v!r} now" for k, v in need.items() if (have or {}).get(k) != v]
+                    if isinstance(need, dict) else [f"judge: {have!r} there, {need!r} now"])
+            raise ValueError(f"{path}: line {line} was made by other settings ({'; '.join(diff[:3]) or 'no record of them'}); "
+                             "rerun with the same ones, write to another --pairs-out, or --overwrite to start it afresh")
 
 
 def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
@@ -240,7 +279,14 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
         sampler = ChatClient(cfg.api_base, cfg.sampler_model, key)
     if judge is None and cfg.judge_model:
         judge = ChatClient(cfg.api_base, cfg.judge_model, key)
+    local = sampler is None
+    generation = sampling_settings(cfg, local)
     out, cache = JsonlLog(cfg.pairs_out), JsonlLog(cfg.pairs_out + ".samples.jsonl")
+    if cfg.overwrite:
+        for path in (out.path, cache.path):
+            if os.path.exists(path):
+                os.remove(path)
+    check_cache(cache.path, cache.read(), generation, cfg.judge_model, [r["prompt"] for r in records])
     finished = {r["index"] for r in out.read()} | {r["index"] for r in cache.read() if r.get("kind") == "no_pair"}
     samples, verdicts = {}, {}
     for r in cache.read():
@@ -258,18 +304,19 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
                 text, finish = sampler.complete([{"role": "user", "content": prompt}], cfg.max_new_tokens,
                                                 cfg.temperature)
                 samples.setdefault(index, {})[k] = (text, finish)
-                cache.append({"index": index, "kind": "sample", "k": k, "text": text, "finish_reason": finish})
+                cache.append({"index": index, "kind": "sample", "k": k, "prompt": prompt, "text": text,
+                              "finish_reason": finish, "generation": generation})
             else:
                 scores = judge_one(judge, prompt, samples[index][k][0], JUDGE_PROMPT)
                 verdicts.setdefault(index, {})[k] = scores
-                cache.append({"index": index, "kind": "verdict", "k": k, "scores": scores})
+                cache.append({"index": index, "kind": "verdict", "k": k, "scores": scores, "judge": cfg.judge_model})
         except AuthError:
             raise
         except APIError as e:
             failed[index] = str(e)
 
-    if todo and sampler is None:
-        sample_local(cfg, todo, cache, samples, log)
+    if todo and local:
+        sample_local(cfg, todo, cache, samples, generation, log)
     elif todo:
         with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
             for f in [pool.submit(call, i, k, prompt, "sample") for i, k, prompt in todo]:
@@ -292,7 +339,7 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
         quality = [quality_score([verdicts[index][k]]) for k in kept] if judge is not None else None
         pair = pick_pair(required, answers, quality, cut, cfg.min_margin)
         if pair is None:
-            cache.append({"index": index, "kind": "no_pair"})
+            cache.append({"index": index, "kind": "no_pair", "generation": generation})
         else:
             chosen, rejected, (sc, sr) = pair
             out.append({"index": index, "prompt": prompt, "length": required, "chosen": chosen, "rejected": rejected,

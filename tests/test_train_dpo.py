@@ -154,29 +154,87 @@ def test_the_reference_cache_is_keyed_by_data_and_weights(pairs, tmp_path):
     assert len(caches) == 3 and sorted(len(np.load(tmp_path / f)) for f in caches) == [10, 80, 80]  # 2 per pair that fits a row
 
 
-def test_local_pair_sampling_is_the_same_run_after_run(tmp_path):
+def tiny_checkpoint(tmp_path, seed=0, sharp=1.0):
     from dataset import write_builtin
     data, tok_dir = write_builtin(str(tmp_path / "data"), count=4, max_words=200)
     tok = Tokenizer(tok_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharp)  # sharp > 1: peaked logits, so the untrained model loops like a weak one
     model.save_pretrained(tmp_path / "ckpt")
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         (tmp_path / "ckpt" / f).write_bytes((tmp_path / "data" / f).read_bytes())
+    return str(tmp_path / "ckpt"), tok
+
+
+def cached_samples(path) -> dict:
+    return {(r["index"], r["k"]): r["text"] for r in map(json.loads, open(path)) if r["kind"] == "sample"}
+
+
+def test_local_pair_sampling_is_the_same_run_after_run(tmp_path):
+    ckpt, tok = tiny_checkpoint(tmp_path)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the ocean .", "length": n}) + "\n"
                               for n in (100, 200, 300)))
     samples = []
     for name in ("a", "b"):
-        cfg = DPOConfig(model=str(tmp_path / "ckpt"), build_pairs=str(inputs), pairs_out=str(tmp_path / f"{name}.jsonl"),
+        cfg = DPOConfig(model=ckpt, build_pairs=str(inputs), pairs_out=str(tmp_path / f"{name}.jsonl"),
                         samples=3, max_new_tokens=40, temperature=1.0, workers=4, device="cpu")
         counts = build_pairs(cfg, log=lambda s: None)
         assert counts["pairs"] + counts["no_pair"] == 3
-        cache = [json.loads(l) for l in open(tmp_path / f"{name}.jsonl.samples.jsonl") if '"sample"' in l]
-        samples.append({(r["index"], r["k"]): r["text"] for r in cache})
+        samples.append(cached_samples(tmp_path / f"{name}.jsonl.samples.jsonl"))
     assert len(samples[0]) == 9 and samples[0] == samples[1]
     assert len(set(samples[0].values())) > 1  # sampled, not one answer repeated
+
+
+def test_pair_samples_decode_as_asked_and_are_never_reused_from_another_model(tmp_path):
+    """A small model's pairs must be sampled the way it is evaluated (repetition penalty, n-gram ban), and a rerun
+    after a new SFT into the same --pairs-out must not build pairs from the old model's cached answers."""
+    ckpt, tok = tiny_checkpoint(tmp_path, sharp=50.0)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the ocean .", "length": n}) + "\n"
+                              for n in (100, 200)))
+
+    def repeated_trigrams(text):
+        ids = tok.encode(text)
+        grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+        return len(grams) - len(set(grams))
+
+    base = dict(model=ckpt, build_pairs=str(inputs), samples=2, max_new_tokens=60, temperature=0.5, workers=4, device="cpu")
+    plain = DPOConfig(**base, pairs_out=str(tmp_path / "plain.jsonl"))
+    banned = DPOConfig(**base, pairs_out=str(tmp_path / "banned.jsonl"), top_p=0.9, no_repeat_ngram=3)
+    penalized = DPOConfig(**base, pairs_out=str(tmp_path / "penalized.jsonl"), repetition_penalty=1.3)
+    for cfg in (plain, banned, penalized):
+        build_pairs(cfg, log=lambda s: None)
+    loose, strict, other = (cached_samples(c.pairs_out + ".samples.jsonl") for c in (plain, banned, penalized))
+    assert sum(map(repeated_trigrams, loose.values())) > 0  # the untrained model loops when nothing stops it
+    assert sum(map(repeated_trigrams, strict.values())) == 0 and other != loose
+    record = json.loads(open(banned.pairs_out + ".samples.jsonl").readline())["generation"]
+    assert (record["top_p"], record["repetition_penalty"], record["no_repeat_ngram"]) == (0.9, 1.0, 3)
+
+    tiny_checkpoint(tmp_path, seed=1, sharp=50.0)  # new weights in the same folder: another model
+    with pytest.raises(ValueError, match=r"banned.jsonl.samples.jsonl: line 1 was made by other settings \(weights"):
+        build_pairs(banned, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"other settings \(temperature: 0.5 there, 0.7 now"):
+        tiny_checkpoint(tmp_path, seed=0, sharp=50.0)
+        build_pairs(DPOConfig(**{**base, "temperature": 0.7}, pairs_out=banned.pairs_out, top_p=0.9, no_repeat_ngram=3),
+                    log=lambda s: None)
+    inputs.write_text(json.dumps({"prompt": "write a 300 word story .", "length": 300}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1 answers another instruction than instruction 0 now"):
+        build_pairs(banned, log=lambda s: None)
+    build_pairs(DPOConfig(**{**vars(banned), "overwrite": True}), log=lambda s: None)  # --overwrite starts afresh
+    assert len(cached_samples(banned.pairs_out + ".samples.jsonl")) == 2
+
+
+def test_an_endpoint_sampler_refuses_in_process_decoding_flags(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write 100 words.", "length": 100}) + "\n")
+    cfg = DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "p.jsonl"), repetition_penalty=1.1)
+    with pytest.raises(ValueError, match="apply to in-process sampling with --model"):
+        build_pairs(cfg, sampler=Scripted([1]), log=lambda s: None)
+    assert not os.path.exists(tmp_path / "p.jsonl.samples.jsonl")
 
 
 def test_empty_samples_never_enter_a_pair(tmp_path):
