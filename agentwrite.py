@@ -446,6 +446,12 @@ def writer_settings(cfg) -> dict:
 SETTINGS_BEFORE = {"top_p": 0.8, "headings": False}
 
 
+def settings_diff(have: dict, want: dict, most=3) -> str:
+    """The first `most` settings that differ, as "key: old there, new now" (for refusing a cache made otherwise)."""
+    keys = [k for k in {**have, **want} if have.get(k) != want.get(k)]
+    return "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in keys[:most])
+
+
 def check_settings(output: "JsonlLog", cache: "JsonlLog", settings: dict, log=print):
     """Refuse to resume files written under other settings, naming the difference; record ours in the cache."""
     recorded = ([(cache.path, r["settings"]) for r in cache.read() if r["kind"] == "settings"]
@@ -453,9 +459,7 @@ def check_settings(output: "JsonlLog", cache: "JsonlLog", settings: dict, log=pr
     for path, have in recorded:
         have = {**SETTINGS_BEFORE, **have}  # recorded before these were settings: written as these values
         if have != settings:
-            diff = [f"{k}: {have.get(k)!r} there, {settings.get(k)!r} now" for k in {**have, **settings}
-                    if have.get(k) != settings.get(k)]
-            raise ValueError(f"{path}: written with other settings ({'; '.join(diff[:3])}); rerun with the same "
+            raise ValueError(f"{path}: written with other settings ({settings_diff(have, settings)}); rerun with the same "
                              "ones, write to another --output, or --overwrite to start it afresh")
     if not any(path == cache.path for path, _ in recorded):
         if cache.read():

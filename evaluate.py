@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from agentwrite import APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity
+from agentwrite import APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity, settings_diff
 from dataset import DataError, count_words, read_jsonl
 from model import write_json
 
@@ -175,9 +175,8 @@ def resume_predictions(out_path, settings: list[dict], rows: list[dict], overwri
         i = p.get("index")
         want = settings[i] if isinstance(i, int) and 0 <= i < len(settings) else None
         if want is None or p.get("generation") != want:
-            have = p.get("generation") or {}
-            diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in (want or {}).items() if have.get(k) != v]
-            raise ValueError(f"{out_path}: row {i} was made by other settings ({'; '.join(diff[:3]) or 'no generation record'}"
+            diff = settings_diff(p.get("generation") or {}, want or {})
+            raise ValueError(f"{out_path}: row {i} was made by other settings ({diff or 'no generation record'}"
                              f"){hint}")
         moved = [k for k, v in rows[i].items() if p.get(k) != v]
         if moved:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agentwrite import (APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity, endpoint_identity,
-                        parse_instruction)
+                        parse_instruction, settings_diff)
 from dataset import (DataError, builtin_corpus, chat_prompt_ids, count_words, file_digest, load_tokenizer, read_jsonl,
                      tokenizer_files, write_builtin)
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
@@ -260,11 +260,10 @@ def check_cache(path: str, records: list[dict], want: dict, judge: str, prompts:
         if r.get("kind") == "sample" and not (isinstance(i, int) and 0 <= i < len(prompts) and r.get("prompt") == prompts[i]):
             raise ValueError(f"{path}: line {line} answers another instruction than instruction {i} now (the "
                              "instructions file changed); write to another --pairs-out, or --overwrite to start it afresh")
-        have, need = (r.get("judge"), judge) if r.get("kind") == "verdict" else (r.get("generation"), want)
+        verdict = r.get("kind") == "verdict"
+        have, need = ({"judge": r.get("judge")}, {"judge": judge}) if verdict else (r.get("generation") or {}, want)
         if have != need:
-            diff = ([f"{k}: {(have or {}).get(k)!r} there, {v!r} now" for k, v in need.items() if (have or {}).get(k) != v]
-                    if isinstance(need, dict) else [f"judge: {have!r} there, {need!r} now"])
-            raise ValueError(f"{path}: line {line} was made by other settings ({'; '.join(diff[:3]) or 'no record of them'}); "
+            raise ValueError(f"{path}: line {line} was made by other settings ({settings_diff(have, need)}); "
                              "rerun with the same ones, write to another --pairs-out, or --overwrite to start it afresh")
 
 
@@ -286,10 +285,11 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
         for path in (out.path, cache.path):
             if os.path.exists(path):
                 os.remove(path)
-    check_cache(cache.path, cache.read(), generation, cfg.judge_model, [r["prompt"] for r in records])
-    finished = {r["index"] for r in out.read()} | {r["index"] for r in cache.read() if r.get("kind") == "no_pair"}
+    cached = cache.read()
+    check_cache(cache.path, cached, generation, cfg.judge_model, [r["prompt"] for r in records])
+    finished = {r["index"] for r in out.read()} | {r["index"] for r in cached if r.get("kind") == "no_pair"}
     samples, verdicts = {}, {}
-    for r in cache.read():
+    for r in cached:
         if r.get("kind") == "sample":
             samples.setdefault(r["index"], {})[r["k"]] = (r["text"], r.get("finish_reason", "stop"))
         elif r.get("kind") == "verdict":

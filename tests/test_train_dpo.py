@@ -217,8 +217,8 @@ def test_pair_samples_decode_as_asked_and_are_never_reused_from_another_model(tm
     tiny_checkpoint(tmp_path, seed=1, sharp=50.0)  # new weights in the same folder: another model
     with pytest.raises(ValueError, match=r"banned.jsonl.samples.jsonl: line 1 was made by other settings \(weights"):
         build_pairs(banned, log=lambda s: None)
+    tiny_checkpoint(tmp_path, seed=0, sharp=50.0)  # the first weights again: now only the temperature differs
     with pytest.raises(ValueError, match=r"other settings \(temperature: 0.5 there, 0.7 now"):
-        tiny_checkpoint(tmp_path, seed=0, sharp=50.0)
         build_pairs(DPOConfig(**{**base, "temperature": 0.7}, pairs_out=banned.pairs_out, top_p=0.9, no_repeat_ngram=3),
                     log=lambda s: None)
     inputs.write_text(json.dumps({"prompt": "write a 300 word story .", "length": 300}) + "\n")
