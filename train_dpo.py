@@ -327,7 +327,7 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
         with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
             for f in [pool.submit(call, i, k, prompt, "verdict") for i, k, prompt in unjudged]:
                 f.result()
-    counts = {"pairs": 0, "no_pair": 0, "failed": 0}
+    counts = {"pairs": 0, "no_pair": 0, "failed": 0, "earlier": len(finished)}  # earlier: done by a previous run
     for index, prompt, required in items:
         if index in failed:
             log(f"{cfg.build_pairs}: instruction {index}: {failed[index]}")
@@ -374,7 +374,8 @@ def main():
         if cfg.build_pairs:
             counts = build_pairs(cfg)
             print(f"{counts['pairs']} pairs -> {cfg.pairs_out} ({counts['no_pair']} instructions without a "
-                  f"preference, {counts['failed']} failed)")
+                  f"preference, {counts['failed']} failed" + (f"; {counts['earlier']} instructions done by an earlier "
+                  "run, kept as they are" if counts["earlier"] else "") + ")")
         else:
             train(cfg)
     except (FileNotFoundError, ValueError, FloatingPointError, APIError) as e:

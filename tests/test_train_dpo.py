@@ -102,7 +102,8 @@ def test_pair_building_picks_the_answer_whose_length_is_closest_to_the_request(t
     assert counts["pairs"] == 2 and [o["length"] for o in out] == [200, 400]
     assert [len(o["chosen"].split()) for o in out] == [190, 600] and [len(o["rejected"].split()) for o in out] == [600, 100]
     # resumable: a rerun samples nothing more; the pairs file is a DPO file dataset.py reads
-    assert build_pairs(cfg, sampler=sampler, log=lambda s: None)["pairs"] == 0 and sampler.calls == 6
+    again = build_pairs(cfg, sampler=sampler, log=lambda s: None)
+    assert again["pairs"] == 0 and again["earlier"] == 2 and sampler.calls == 6
     from dataset import parse_dpo, read_jsonl
     assert len(read_jsonl(str(tmp_path / "pairs.jsonl"), parse_dpo)[0]) == 2
 
