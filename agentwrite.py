@@ -439,7 +439,9 @@ def writer_settings(cfg) -> dict:
             "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings,
             "repetition_penalty": cfg.repetition_penalty,
             "no_repeat_ngram": cfg.no_repeat_ngram, "plan_tokens": cfg.plan_tokens, "system": cfg.system,
-            "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template)}
+            "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template),
+            # sections written before generate.keep_stop_odds ended early under these rules
+            **({"stop_odds": "kept"} if cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram else {})}
 
 
 # settings added after files were first written: what those files were written with (top-p was fixed at 0.8)

@@ -196,6 +196,8 @@ def generation_record(model_id: dict, max_new: int, temperature, top_p, seed, sy
         record["repetition_penalty"] = repetition_penalty
     if no_repeat_ngram:
         record["no_repeat_ngram"] = no_repeat_ngram
+    if repetition_penalty != 1.0 or no_repeat_ngram:  # answers from before generate.keep_stop_odds ended early
+        record["stop_odds"] = "kept"
     return record
 
 

@@ -119,6 +119,19 @@ def forbid(logits: torch.Tensor, banned: list) -> torch.Tensor:
                             torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
+def keep_stop_odds(raw: torch.Tensor, ruled: torch.Tensor, stops: torch.Tensor, temperature) -> torch.Tensor:
+    """ruled (B, V): the logits raw after the repetition penalty and the n-gram ban, with the stop tokens (stops:
+    a bool mask, (V,) or (B, V)) moved so that sampled at `temperature` (a float, or one per row) they keep the
+    probability raw gave them. Why: both rules take probability from the words they hit and hand it to every
+    other token, the stop token among them, which is never in the answer and so never penalized. Step after
+    step that ends answers early: along held-out 2,000-4,000-word answers SmolLM2-135M's expected stops were
+    2.6x its own under a penalty of 1.1 over 64 tokens. The rules choose among words; the model says when to stop."""
+    t = temperature.clamp_min(1e-4)[:, None] if isinstance(temperature, torch.Tensor) else max(temperature, 1e-4)
+    raw, ruled = raw.float(), ruled.float()
+    words = lambda x: (x / t).masked_fill(stops, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.where(stops, raw + t * (words(ruled) - words(raw)), ruled)  # words' mass at t: ruled / raw
+
+
 def recent_tokens(histories: list[list[int]], window: int, device) -> torch.Tensor:
     """(B, window) tensor of each history's last `window` tokens, -1 where it is shorter."""
     out = torch.full((len(histories), window), -1, dtype=torch.long)
@@ -143,7 +156,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              repetition_window=64, no_repeat_ngram=0) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded). Prompts of different lengths are left-padded.
     repetition_penalty > 1 penalizes the tokens among each row's last repetition_window (see penalize);
-    no_repeat_ngram = n >= 2 never lets an answer repeat one of its own n-grams (see no_repeat).
+    no_repeat_ngram = n >= 2 never lets an answer repeat one of its own n-grams (see no_repeat); under either,
+    the stop tokens keep the model's own probability (see keep_stop_odds).
 
     on_tokens(list of B ints) is called after every step, e.g. to stream text.
     compile (CUDA): the decode step runs as a CUDA graph (torch.compile mode="reduce-overhead").
@@ -163,13 +177,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     out = [[] for _ in range(B)]
     done = [False] * B
     seen = [{} for _ in range(B)]
+    stop_mask = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+    stop_mask[[t for t in set(stop_ids) if 0 <= t < len(stop_mask)]] = True
     for i in range(max_new_tokens):
+        raw = logits
         if repetition_penalty != 1.0:
             recent = recent_tokens([p[-repetition_window:] + o[-repetition_window:] for p, o in zip(prompts, out)],
                                    repetition_window, device)
             logits = penalize(logits, recent, repetition_penalty)
         if no_repeat_ngram:
             logits = forbid(logits, [no_repeat(o, s, no_repeat_ngram) for o, s in zip(out, seen)])
+        if logits is not raw and stop_ids:
+            logits = keep_stop_odds(raw, logits, stop_mask, temperature)
         tok = sample(logits, temperature, top_k, top_p)
         finished = torch.isin(tok, stop)
         toks, fin = tok.tolist(), finished.tolist()  # the one host sync per step
@@ -274,7 +293,8 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
     answers. Each step: sample every row (one host sync), hand out finished answers, prefill waiting
     prompts into free rows, one decode step: of fixed shape (slots, 1) when compiled, of the rows in use when
     eager. repetition_penalty > 1 penalizes each row's last repetition_window tokens (see penalize);
-    no_repeat_ngram = n >= 2 never lets an answer repeat one of its own n-grams (see no_repeat)."""
+    no_repeat_ngram = n >= 2 never lets an answer repeat one of its own n-grams (see no_repeat); the stop
+    tokens keep the model's probability under both (see keep_stop_odds)."""
     device = model.embed_tokens.weight.device
     torch.manual_seed(seed)
     model.setup_cache(slots, row_len)
@@ -285,7 +305,9 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
         step = _compiled.setdefault("rows", torch.compile(decode_rows, mode="reduce-overhead", fullgraph=True))
     rows = [None] * slots  # per row: [key, prompt length, max_new, stop ids, tokens so far] or None when free
     temps, host_temps = torch.zeros(slots, device=device), [0.0] * slots
-    logits = torch.zeros(slots, model.config.vocab_size, device=device)
+    vocab = model.config.vocab_size
+    logits = torch.zeros(slots, vocab, device=device)
+    stop_mask = torch.zeros(slots, vocab, dtype=torch.bool, device=device)  # each row's stop tokens
     exhausted = drained = False
     try:
         while True:
@@ -300,6 +322,8 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                     key, prompt, max_new, stops, temperature = req
                     check_request(model, prompt, max_new, row_len, f"request {key}")
                     rows[r] = [key, len(prompt), max_new, set(stops), [], prompt[-repetition_window:], {}]
+                    stop_mask[r] = False
+                    stop_mask[r, [t for t in rows[r][3] if 0 <= t < vocab]] = True
                     fresh[r] = prefill_row(model, caches, r, prompt)
                     temps[r] = host_temps[r] = temperature
             if not any(rows):
@@ -309,12 +333,15 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                 for r, l in fresh.items():
                     logits[r] = l
             greedy = all(rows[r] is None or host_temps[r] <= 0 for r in range(slots))
+            raw = logits
             if repetition_penalty != 1.0:
                 recent = recent_tokens([row[5] + row[4][-repetition_window:] if row else [] for row in rows],
                                        repetition_window, device)
                 logits = penalize(logits, recent, repetition_penalty)
             if no_repeat_ngram:
                 logits = forbid(logits, [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in rows])
+            if logits is not raw:
+                logits = keep_stop_odds(raw, logits, stop_mask, temps)
             toks = sample(logits, 0.0 if greedy else temps, top_k, top_p)
             pos = []
             for r, t in enumerate(toks.tolist()):  # the one host sync per step

@@ -250,7 +250,8 @@ def sampling_settings(cfg: DPOConfig, local: bool) -> dict:
         return {**who, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "system": cfg.system}
     return {**checkpoint_identity(cfg.model), "temperature": cfg.temperature, "top_p": cfg.top_p,
             "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram": cfg.no_repeat_ngram,
-            "max_new_tokens": cfg.max_new_tokens, "system": cfg.system, "seed": cfg.seed}
+            "max_new_tokens": cfg.max_new_tokens, "system": cfg.system, "seed": cfg.seed,
+            **({"stop_odds": "kept"} if cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram else {})}  # see evaluate.generation_record
 
 
 def check_cache(path: str, records: list[dict], want: dict, judge: str, prompts: list[str]):

@@ -314,6 +314,24 @@ def test_predict_never_reuses_answers_of_another_checkpoint_or_setting(tmp_path)
     assert default.returncode == 0 and (tmp_path / "bench.sft.pred.jsonl").exists(), default.stderr
 
 
+def test_answers_decoded_before_the_rules_kept_the_stop_odds_are_not_reused(tmp_path):
+    """Under a repetition penalty or n-gram ban, answers from before generate.keep_stop_odds ended early: a rerun
+    must not mix them with new ones. Answers made without either rule decode as before and still resume."""
+    from evaluate import generation_record, resume_predictions
+    row = {"prompt": "write 300 words .", "length": 300}
+    pred = tmp_path / "pred.jsonl"
+    for rules, reused in (((1.0, 0), True), ((1.1, 10), False), ((1.0, 10), False)):
+        old = generation_record({"model": "m"}, 600, 0.7, 0.9, 0, "", *rules)
+        old.pop("stop_odds", None)  # as written before the field existed
+        pred.write_text(json.dumps({"index": 0, **row, "response": "x", "generation": old}) + "\n")
+        want = [generation_record({"model": "m"}, 600, 0.7, 0.9, 0, "", *rules)]
+        if reused:
+            assert resume_predictions(str(pred), want, [row], log=lambda s: None) == {0}
+        else:
+            with pytest.raises(ValueError, match=r"pred.jsonl: row 0 was made by other settings \(stop_odds: None there"):
+                resume_predictions(str(pred), want, [row], log=lambda s: None)
+
+
 def test_predict_refuses_a_limit_past_the_context_before_decoding(tmp_path):
     tiny_checkpoint(tmp_path / "ckpt")  # max_position_embeddings 4096
     bench = tmp_path / "bench.jsonl"

@@ -10,8 +10,8 @@ import transformers
 
 from cli import run_cli
 from dataset import build_tokenizer
-from generate import (context_of, finish_reason, fit_new_tokens, generate, generate_many, no_repeat, penalize,
-                      sample)
+from generate import (context_of, finish_reason, fit_new_tokens, forbid, generate, generate_many, keep_stop_odds,
+                      no_repeat, penalize, sample)
 from hf_models import BASE, CASES, make_hf_model, save_hf_model
 from model import Linear, ModelConfig, Transformer, token_logprobs
 
@@ -365,6 +365,51 @@ def test_penalized_greedy_answers_agree_between_static_and_continuous_batching_a
     assert [got[i] for i in range(3)] == static != plain
     repeats = lambda runs: sum(len(r) - len(set(zip(r, r[1:]))) for r in runs)  # bigrams seen before
     assert repeats(static) < repeats(plain)
+
+
+def test_the_rules_leave_the_stop_tokens_probability_where_the_model_put_it():
+    torch.manual_seed(0)
+    raw = torch.randn(3, 50) + 1.0
+    stops = torch.zeros(50, dtype=torch.bool)
+    stops[[7, 11]] = True
+    recent = torch.randint(12, 50, (3, 20))  # recent words; the stop tokens (7, 11) are never in an answer
+    ruled = forbid(penalize(raw, recent, 2.0), [{1, 2}, set(), {3}])
+    for t in (0.7, torch.tensor([1.0, 0.5, 0.3])):
+        tt = t[:, None] if isinstance(t, torch.Tensor) else t
+        kept = keep_stop_odds(raw, ruled, stops, t)
+        p_raw, p_ruled, p_kept = ((x / tt).softmax(-1) for x in (raw, ruled, kept))
+        assert torch.allclose(p_kept[:, stops].sum(-1), p_raw[:, stops].sum(-1), atol=1e-6)  # the model's stop odds
+        assert (p_ruled[:, stops].sum(-1) / p_raw[:, stops].sum(-1) > 1.02).all()  # which the rules raised
+        words = lambda p: p[:, ~stops] / p[:, ~stops].sum(-1, keepdim=True)
+        assert torch.allclose(words(p_kept), words(p_ruled), atol=1e-6)  # and the words as the rules weigh them
+        assert (p_kept[0, [1, 2]] == 0).all() and p_kept[2, 3] == 0  # banned stays banned
+
+
+def fixed_logits_model(logits: list[float]) -> Transformer:
+    """A model whose next-token logits are `logits` whatever the text: every token embeds to one vector and
+    the blocks add nothing, so the last hidden state is always that vector, normed."""
+    cfg = ModelConfig(vocab_size=len(logits), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.norm.weight.fill_(1.0)
+        model.embed_tokens.weight.fill_(1.0)  # normed: a vector of ones, of squared length 16
+        model.lm_head.weight.copy_(torch.tensor(logits)[:, None].expand(-1, 16) / 16)
+    return model
+
+
+def test_neither_the_repetition_penalty_nor_the_n_gram_ban_ends_an_answer_the_model_would_go_on_with():
+    # token 1 scores 5, the stop token 3 scores 4.9, token 2 scores 4: greedy decoding never stops by the model's
+    # own logits. Once token 1 is penalized (2.5) or banned, the stop token would top every word if the rules moved it.
+    model = fixed_logits_model([0.0, 5.0, 4.0, 4.9] + [0.0] * 12)
+    assert torch.allclose(model(torch.tensor([[5, 6]]))[0, -1, :4], torch.tensor([0.0, 5.0, 4.0, 4.9]), atol=1e-4)
+    for rules in (dict(repetition_penalty=2.0), dict(no_repeat_ngram=2)):
+        static = generate(model, [[5, 6]], 30, stop_ids=[3], temperature=0, **rules)[0]
+        continuous = dict(generate_many(model, [[5, 6], [7]], 30, stop_ids=[3], slots=2, **rules))
+        assert len(static) == 30 and static[:2] in ([1, 2], [1, 1]), (rules, static)
+        assert continuous[0] == static and len(continuous[1]) == 30
 
 
 def test_no_repeat_bans_exactly_the_tokens_that_would_repeat_an_n_gram():
