@@ -55,3 +55,14 @@ def test_gpu_check_runs_every_item_on_the_cpu_and_ends_with_a_summary(tmp_path):
 def table_rows_of(text):
     lines = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| ---") and not l.startswith("| item")]
     return [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+
+
+def test_stop_odds_kept_under_the_penalty_equal_the_models_own(tmp_path):
+    from test_train_dpo import tiny_checkpoint
+    ckpt, _ = tiny_checkpoint(tmp_path, sharp=3.0)
+    rows = table_rows(["bench/stop_odds.py", "--checkpoint", ckpt, "--data", str(tmp_path / "data" / "train.jsonl"),
+                       "--min-words", "20", "--items", "2", "--top-p", "1.0", "--penalty", "1.5"])
+    assert len(rows) == 1 and rows[0][0].endswith("ckpt")
+    model, ruled, kept = map(float, rows[0][1:4])
+    assert ruled > model + 0.02 > 0.02  # the penalty handed the stop token probability from the words it hit
+    assert abs(kept - model) <= 0.01  # keep_stop_odds gives it back: the model's own odds (2 decimals printed)
