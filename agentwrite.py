@@ -440,12 +440,17 @@ def writer_settings(cfg) -> dict:
             "repetition_penalty": cfg.repetition_penalty,
             "no_repeat_ngram": cfg.no_repeat_ngram, "plan_tokens": cfg.plan_tokens, "system": cfg.system,
             "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template),
-            # sections written before generate.keep_stop_odds ended early under these rules
-            **({"stop_odds": "kept"} if cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram else {})}
+            **stop_odds_record(cfg.repetition_penalty, cfg.no_repeat_ngram)}
 
 
 # settings added after files were first written: what those files were written with (top-p was fixed at 0.8)
 SETTINGS_BEFORE = {"top_p": 0.8, "headings": False}
+
+
+def stop_odds_record(repetition_penalty: float, no_repeat_ngram: int) -> dict:
+    """What a cache of local decoding adds under the repetition penalty or the n-gram ban: text decoded under
+    either before generate.keep_stop_odds ended early, so a record without this mark is refused, not reused."""
+    return {"stop_odds": "kept"} if repetition_penalty != 1.0 or no_repeat_ngram else {}
 
 
 def settings_diff(have: dict, want: dict, most=3) -> str:

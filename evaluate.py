@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from agentwrite import APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity, settings_diff
+from agentwrite import APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity, settings_diff, stop_odds_record
 from dataset import DataError, count_words, read_jsonl
 from model import write_json
 
@@ -196,9 +196,7 @@ def generation_record(model_id: dict, max_new: int, temperature, top_p, seed, sy
         record["repetition_penalty"] = repetition_penalty
     if no_repeat_ngram:
         record["no_repeat_ngram"] = no_repeat_ngram
-    if repetition_penalty != 1.0 or no_repeat_ngram:  # answers from before generate.keep_stop_odds ended early
-        record["stop_odds"] = "kept"
-    return record
+    return {**record, **stop_odds_record(repetition_penalty, no_repeat_ngram)}
 
 
 def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5, top_p=0.8, batch_size=8,

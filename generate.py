@@ -132,6 +132,17 @@ def keep_stop_odds(raw: torch.Tensor, ruled: torch.Tensor, stops: torch.Tensor, 
     return torch.where(stops, raw + t * (words(ruled) - words(raw)), ruled)  # words' mass at t: ruled / raw
 
 
+def apply_rules(logits, histories, banned, penalty: float, window: int, stops, temperature) -> torch.Tensor:
+    """logits after the repetition penalty over each row's history (see penalize) and the n-gram ban (banned:
+    each row's banned tokens, or None when off; see forbid), the stop tokens keeping the model's odds."""
+    raw = logits
+    if penalty != 1.0:
+        logits = penalize(logits, recent_tokens(histories, window, logits.device), penalty)
+    if banned is not None:
+        logits = forbid(logits, banned)
+    return logits if logits is raw else keep_stop_odds(raw, logits, stops, temperature)
+
+
 def recent_tokens(histories: list[list[int]], window: int, device) -> torch.Tensor:
     """(B, window) tensor of each history's last `window` tokens, -1 where it is shorter."""
     out = torch.full((len(histories), window), -1, dtype=torch.long)
@@ -180,15 +191,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     stop_mask = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
     stop_mask[[t for t in set(stop_ids) if 0 <= t < len(stop_mask)]] = True
     for i in range(max_new_tokens):
-        raw = logits
-        if repetition_penalty != 1.0:
-            recent = recent_tokens([p[-repetition_window:] + o[-repetition_window:] for p, o in zip(prompts, out)],
-                                   repetition_window, device)
-            logits = penalize(logits, recent, repetition_penalty)
-        if no_repeat_ngram:
-            logits = forbid(logits, [no_repeat(o, s, no_repeat_ngram) for o, s in zip(out, seen)])
-        if logits is not raw and stop_ids:
-            logits = keep_stop_odds(raw, logits, stop_mask, temperature)
+        logits = apply_rules(logits, [p[-repetition_window:] + o[-repetition_window:] for p, o in zip(prompts, out)],
+                             [no_repeat(o, s, no_repeat_ngram) for o, s in zip(out, seen)] if no_repeat_ngram else None,
+                             repetition_penalty, repetition_window, stop_mask, temperature)
         tok = sample(logits, temperature, top_k, top_p)
         finished = torch.isin(tok, stop)
         toks, fin = tok.tolist(), finished.tolist()  # the one host sync per step
@@ -333,15 +338,9 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                 for r, l in fresh.items():
                     logits[r] = l
             greedy = all(rows[r] is None or host_temps[r] <= 0 for r in range(slots))
-            raw = logits
-            if repetition_penalty != 1.0:
-                recent = recent_tokens([row[5] + row[4][-repetition_window:] if row else [] for row in rows],
-                                       repetition_window, device)
-                logits = penalize(logits, recent, repetition_penalty)
-            if no_repeat_ngram:
-                logits = forbid(logits, [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in rows])
-            if logits is not raw:
-                logits = keep_stop_odds(raw, logits, stop_mask, temps)
+            logits = apply_rules(logits, [row[5] + row[4][-repetition_window:] if row else [] for row in rows],
+                                 [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in rows]
+                                 if no_repeat_ngram else None, repetition_penalty, repetition_window, stop_mask, temps)
             toks = sample(logits, 0.0 if greedy else temps, top_k, top_p)
             pos = []
             for r, t in enumerate(toks.tolist()):  # the one host sync per step

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agentwrite import (APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity, endpoint_identity,
-                        parse_instruction, settings_diff)
+                        parse_instruction, settings_diff, stop_odds_record)
 from dataset import (DataError, builtin_corpus, chat_prompt_ids, count_words, file_digest, load_tokenizer, read_jsonl,
                      tokenizer_files, write_builtin)
 from evaluate import JUDGE_PROMPT, judge_one, length_score, quality_score
@@ -251,7 +251,7 @@ def sampling_settings(cfg: DPOConfig, local: bool) -> dict:
     return {**checkpoint_identity(cfg.model), "temperature": cfg.temperature, "top_p": cfg.top_p,
             "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram": cfg.no_repeat_ngram,
             "max_new_tokens": cfg.max_new_tokens, "system": cfg.system, "seed": cfg.seed,
-            **({"stop_odds": "kept"} if cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram else {})}  # see evaluate.generation_record
+            **stop_odds_record(cfg.repetition_penalty, cfg.no_repeat_ngram)}
 
 
 def check_cache(path: str, records: list[dict], want: dict, judge: str, prompts: list[str]):

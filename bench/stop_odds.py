@@ -10,7 +10,6 @@ answer's end without one. Why: answers that end early shorten every length the d
 to stop loops must not be the reason.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -42,8 +41,8 @@ def chances(model, tok, prompt, answer, args):
     out = []
     for s in range(0, len(a), 256):
         raw = logits[s:s + 256]
-        recent = recent_tokens([(p[-args.window:] + a[:t][-args.window:])[-args.window:]
-                                for t in range(s, s + len(raw))], args.window, "cpu")
+        w = args.window
+        recent = recent_tokens([p[-w:] + a[max(0, t - w):t] for t in range(s, s + len(raw))], w, "cpu")  # keeps the last w
         ruled = penalize(raw, recent, args.penalty)
         kept = keep_stop_odds(raw, ruled, stops, args.temperature)
         out.append(torch.stack([stop_chance(x, stops, args.temperature, args.top_p) for x in (raw, ruled, kept)], -1))
@@ -69,8 +68,8 @@ def main():
     if not texts:
         sys.exit(f"{args.data}: no answer of {args.min_words}+ words outside --exclude")
     words = [count_words(a) for _, a in texts]
-    print(f"\n{len(texts)} answers of {args.data} ({min(words)}-{max(words)} words), temperature {args.temperature}, top-p {args.top_p}, "
-          f"penalty {args.penalty} over {args.window} tokens; float32 on the CPU")
+    print(f"\n{len(texts)} answers of {args.data} ({min(words)}-{max(words)} words), temperature {args.temperature}, "
+          f"top-p {args.top_p}, penalty {args.penalty} over {args.window} tokens; float32 on the CPU")
     print(f"| {'checkpoint':<36} | {'E[stops]: model':>15} | {'penalty':>8} | {'penalty, kept':>13} | "
           f"{'reach the end: model':>20} | {'penalty':>8} | {'penalty, kept':>13} |")
     print(f"| {'-' * 36} | {'-' * 15}:| {'-' * 8}:| {'-' * 13}:| {'-' * 20}:| {'-' * 8}:| {'-' * 13}:|")
