@@ -369,11 +369,13 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s+", text) if s.strip()]
 
 
-def longest_repeat(text: str) -> int:
-    """The longest run of one sentence repeated back to back (1: no sentence follows itself)."""
+def longest_repeat(text: str, unit="sentence") -> int:
+    """The longest run of one sentence (or word: unit="word") repeated back to back (1: none follows itself).
+    Words catch the loops a sentence check misses ("remarkable remarkable remarkable ...")."""
+    items = sentences(text) if unit == "sentence" else re.findall(r"\w+", text.lower())
     best = run = 0
     prev = None
-    for s in sentences(text):
+    for s in items:
         run = run + 1 if s == prev else 1
         best, prev = max(best, run), s
     return best
@@ -505,14 +507,17 @@ def run_real(cfg: RealConfig, writer=None):
     i = max(range(len(asked)), key=lambda k: preds["sft"][k]["response_length"] if asked[k]["source"] == "Ruler" else -1)
     for name, p in preds.items():
         print(f"\n({name}) on {asked[i]['prompt'][:80]!r}: {p[i]['response_length']} words, longest run of one "
-              f"sentence {longest_repeat(p[i]['response'])}\n  {passage(p[i]['response'])}")
+              f"sentence {longest_repeat(p[i]['response'])}, of one word {longest_repeat(p[i]['response'], 'word')}"
+              f"\n  {passage(p[i]['response'])}")
     repeats = {m: sum(longest_repeat(x["response"]) >= 3 for x in p) for m, p in preds.items()}
+    word_loops = {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}
     sentence = real_conclusion(results, gain, len(records), cfg.eval_min, cfg.eval_max)
     sentence += (f" Answers with one sentence three or more times in a row: {repeats['base']} (base), "
-                 f"{repeats['sft']} (sft) of {len(asked)}.")
+                 f"{repeats['sft']} (sft) of {len(asked)}; with one word four or more times in a row: "
+                 f"{word_loops['base']} (base), {word_loops['sft']} (sft).")
     print(f"\nscatter plot: {plot}\n\n{sentence}")
     write_json(os.path.join(cfg.out, "scores.json"), {"models": results, "S_l_gain": gain, "samples": cfg.samples,
-                                                      "repeats": repeats, "conclusion": sentence,
+                                                      "repeats": repeats, "word_loops": word_loops, "conclusion": sentence,
                                                       "sft_answers": len(records)})
 
 

@@ -107,6 +107,9 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert set(scores["models"]) == {"base", "sft"} and scores["conclusion"] in stdout
     assert scores["models"]["base"]["all"]["n"] == 4 and scores["models"]["base"]["all"]["answers"] == 8
     assert "paired over the same requests" in scores["conclusion"] and len(scores["S_l_gain"]) == 3
+    preds = {m: [json.loads(l) for l in open(out / f"pred-{m}.jsonl")] for m in ("base", "sft")}
+    assert scores["word_loops"] == {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}
+    assert f"four or more times in a row: {scores['word_loops']['base']} (base)" in scores["conclusion"]
     assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
     run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
     assert writer.calls == 7 and capsys.readouterr().out.count("| all ") == 1
@@ -137,6 +140,8 @@ def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs(
     assert len({r["prompt"] for r in rows}) == 12 and sum(bool(re.search(r"\bstory\b", r["prompt"])) for r in rows) == 4
     assert all(str(r["length"]) in r["prompt"] for r in rows)
     assert longest_repeat("One. Two. Two. Two. One.") == 3 and longest_repeat("A b. C d. A b.") == 1
+    loop = "It was remarkable remarkable Remarkable remarkable, truly. It was remarkable."
+    assert longest_repeat(loop) == 1 and longest_repeat(loop, "word") == 4  # a loop no sentence check sees
 
 
 def test_the_real_demo_computes_in_bfloat16_on_cuda_and_on_cpus_with_bf16_instructions(monkeypatch):
