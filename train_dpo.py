@@ -17,6 +17,7 @@ reference log-probs are computed once before training (out/reference_logps-KEY.n
 in memory; --live-reference keeps a frozen copy and computes them every step instead (same loss).
 Training reuses train_sft's loop, sharding, checkpoints and logs.
 """
+import gc
 import hashlib
 import json
 import os
@@ -385,6 +386,7 @@ def main():
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
+            gc.collect()  # as train_sft.main: process-group references freed before the group, not at exit
             dist.destroy_process_group()
 
 

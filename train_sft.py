@@ -14,6 +14,7 @@ Loss (--loss-reduction), both over the *global* batch (all rows, accumulation st
 Either way the loss does not depend on how conversations happened to be packed into rows.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -533,7 +534,8 @@ def main():
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            gc.collect()  # free the sharded model's process-group references now: left to interpreter exit, a rank
+            dist.destroy_process_group()  # aborted there now and then ("terminate called without an active exception")
 
 
 if __name__ == "__main__":
