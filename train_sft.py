@@ -534,8 +534,10 @@ def main():
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
-            gc.collect()  # free the sharded model's process-group references now: left to interpreter exit, a rank
-            dist.destroy_process_group()  # aborted there now and then ("terminate called without an active exception")
+            # free the sharded model's references to the process group first: left to interpreter exit, a rank
+            # aborted there now and then ("terminate called without an active exception")
+            gc.collect()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
