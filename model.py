@@ -229,7 +229,7 @@ def attention(q, k, v, doc_bounds=None, mask=None):
     n_rep = H // k.shape[1]
     if T == 1:  # decoding: fold the query heads of each KV head into the query axis, no K/V copies
         out = F.scaled_dot_product_attention(q.view(B, -1, n_rep, D), k, v, attn_mask=mask)
-        return out.view(B, H, 1, D)
+        return out.reshape(B, H, 1, D)  # CUDA kernels may return it in (B, T, H, D) memory order: not a view
     # masked prefill: repeat K/V so that every fused backend (not only the math one) accepts the mask
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -433,10 +433,14 @@ class Transformer(nn.Module):
             doc_bounds = cu_seqlens.tolist()
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
+        # the recomputation in backward must pick the same SDPA kernel as the forward did (its saved tensors
+        # differ between kernels), and backward runs outside this block: hence the context_fn
+        same_kernels = lambda: (sdpa_backends(x.device), sdpa_backends(x.device))
         with sdpa_backends(x.device):
             for layer in self.layers:
                 if self.checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(layer, x, cos, sin, doc_bounds, cache_pos, mask, use_reentrant=False)
+                    x = checkpoint(layer, x, cos, sin, doc_bounds, cache_pos, mask, use_reentrant=False,
+                                   context_fn=same_kernels)
                 else:
                     x = layer(x, cos, sin, doc_bounds, cache_pos, mask)
         x = self.norm(x)

@@ -58,7 +58,8 @@ def logits_vs_transformers(device, dtype):
 
 def packed_attention(device, use_flash):
     """A row packing four documents through our attention (cuDNN-first SDPA per document, or flash-attn's
-    varlen kernel) against each document alone through the math backend in float32: outputs and gradients."""
+    varlen kernel) against each document alone through the math backend in float32 on the same (rounded)
+    inputs: outputs and gradients, as ||ours - ref|| / ||ref||."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if use_flash and (model_module.flash_attn_varlen_func is None or device.type != "cuda"):
         return None, "flash-attn not installed" if model_module.flash_attn_varlen_func is None else "CUDA only"
@@ -79,14 +80,14 @@ def packed_attention(device, use_flash):
         out.backward(g.to(dtype))
     finally:
         model_module.flash_attn_varlen_func = saved
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.to(dtype).float().requires_grad_() for t in (q, k, v))
     with sdpa_kernel(SDPBackend.MATH):
         ref = torch.cat([F.scaled_dot_product_attention(qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b], is_causal=True,
                                                         enable_gqa=True) for a, b in zip(bounds[:-1], bounds[1:])], 2)
-    ref.backward(g)
-    diffs = [(out.float() - ref).abs().max().item()] + [(a.grad.float() - b.grad).abs().max().item()
-                                                        for a, b in ((qs, qr), (ks, kr), (vs, vr))]
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    ref.backward(g.to(dtype).float())
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    diffs = [rel(out, ref)] + [rel(a.grad, b.grad) for a, b in ((qs, qr), (ks, kr), (vs, vr))]
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 rounding alone: 2e-3 to 5e-3 on a CPU
     return max(diffs) <= tol, f"out {diffs[0]:.1e}, grad q/k/v {diffs[1]:.1e}/{diffs[2]:.1e}/{diffs[3]:.1e} (tol {tol:.0e})"
 
 
@@ -128,8 +129,9 @@ def dpo_references(device, tmp):
     """4 DPO steps with the cached reference give the losses of 4 with a live frozen copy."""
     from train_dpo import DPOConfig, builtin_dpo_data, train
     data, tok = builtin_dpo_data(os.path.join(tmp, "dpo-data"), seed=0, count=24)
+    # float32: in bf16 the two differ by rounding (the reference's rows are batched differently)
     base = dict(model="tiny", data=data, tokenizer=tok, max_tokens=1024, batch_rows=4, lr=3e-4, beta=0.5,
-                weight_decay=0.0, device=device.type, max_steps=4, log_every=100)
+                weight_decay=0.0, device=device.type, max_steps=4, log_every=100, dtype="float32")
     cached = [r["loss"] for r in train(DPOConfig(**base, out=os.path.join(tmp, "dpo-a")))]
     live = [r["loss"] for r in train(DPOConfig(**base, out=os.path.join(tmp, "dpo-b"), live_reference=True))]
     diff = max(abs(a - b) / max(abs(a), 1e-9) for a, b in zip(cached, live))
@@ -219,6 +221,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="", help="also write the report to this file")
     ap.add_argument("--budget", type=float, default=540, help="seconds; speed items left when it is spent are skipped")
+    ap.add_argument("--only", default="", help="comma-separated words: run only the items whose name holds one")
     args = ap.parse_args()
     device = torch.device(args.device)
     big = device.type == "cuda"  # the real shapes on a GPU, tiny ones elsewhere
@@ -226,6 +229,8 @@ def main():
     rows = []
 
     def check(section, name, fn, *fn_args, speed=False):
+        if args.only and not any(w.strip() in name for w in args.only.split(",")):
+            return
         if speed and time.time() - t_start > args.budget:
             rows.append((section, name, "SKIP", f"time budget of {args.budget:.0f} s spent"))
             return

@@ -277,6 +277,46 @@ def test_bf16_autocast_gives_attention_bf16_queries_keys_and_values(monkeypatch)
     assert logps.dtype == torch.float32 and model.embed_tokens.weight.grad.dtype == torch.float32
 
 
+def test_cached_decoding_takes_attention_output_in_the_memory_order_cuda_kernels_return(checkpoints, monkeypatch):
+    """CUDA's fused SDPA kernels return (B, H, T, D) laid out as (B, T, H, D); decoding reshapes that output and
+    must give the same tokens (a .view() raised there on an H200). Here the CPU kernel's output is relaid so."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    model = Transformer.from_pretrained(checkpoints["llama3"][0]).eval()
+    prompts = [torch.randint(3, BASE["vocab_size"], (n,)).tolist() for n in (5, 9)]
+    got = generate(model, prompts, max_new_tokens=12, temperature=0)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    assert got == generate(model, prompts, max_new_tokens=12, temperature=0)
+
+
+def test_checkpointed_layers_recompute_attention_under_the_forwards_kernel_choice(monkeypatch):
+    """Backward runs outside the forward's sdpa_backends block; a recomputed layer must still be inside one, or
+    CUDA picks another kernel whose saved tensors differ (CheckpointError on an H200)."""
+    import contextlib
+    import model as model_module
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model, inside, seen = Transformer(cfg), [False], []
+
+    @contextlib.contextmanager
+    def backends(device):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(model_module, "sdpa_backends", backends)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(inside[0]) or sdpa(*a, **kw))
+    model.checkpointing = True
+    ids = torch.randint(0, 50, (1, 20))
+    model(ids, cu_seqlens=torch.tensor([0, 8, 20]), targets=ids).sum().backward()
+    assert seen == [True] * 8  # 2 layers x 2 documents, in the forward and again in the recomputation
+
+
 def test_positions_past_a_sliding_window_are_refused_not_silently_wrong(checkpoints):
     model = Transformer.from_pretrained(checkpoints["mistral"][0]).eval()
     model.config.sliding_window = 16
