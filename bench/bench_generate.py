@@ -111,22 +111,28 @@ def answer_lengths(n, longest, seed=0, path=BENCH):
 
 def many_prompts(model, lengths, slots, prompt_len, compile):
     """(static seconds, continuous seconds): the prompts decoded by static batches of `slots` (each runs
-    until its longest answer ends, what evaluate.py predict did) and by continuous batching with `slots` rows."""
+    until its longest answer ends, what evaluate.py predict did) and by continuous batching with `slots` rows.
+    Each is timed on its second pass: every cache shape it meets (one per static batch's length, one row
+    length for continuous batching) is compiled and captured as a CUDA graph in the first, untimed one."""
     prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist() for _ in lengths]
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
-    generate(model, prompts[:slots], 8, compile=compile)  # warm-up: compile and capture both paths
-    list(generate_many(model, prompts[:slots], 8, slots=slots, compile=compile))
-    sync()
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), slots):
-        generate(model, prompts[i:i + slots], max(lengths[i:i + slots]), compile=compile)
-    sync()
-    static = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in generate_many(model, prompts, lengths, slots=slots, compile=compile):
-        pass
-    sync()
-    return static, time.perf_counter() - t0
+
+    def static():
+        for i in range(0, len(prompts), slots):
+            generate(model, prompts[i:i + slots], max(lengths[i:i + slots]), compile=compile)
+
+    def continuous():
+        for _ in generate_many(model, prompts, lengths, slots=slots, compile=compile):
+            pass
+    times = []
+    for run in (static, continuous):
+        run()
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return tuple(times)
 
 
 def main():
