@@ -1,6 +1,6 @@
 """Every CUDA path of the project, checked and measured in one command: what a new GPU box wants first.
 
-Usage:  python bench/gpu_check.py --out gpu_report.md           # on the GPU: ~7 minutes on one H200
+Usage:  python bench/gpu_check.py --out gpu_report.md           # on the GPU: ~8 minutes on one H200
         python bench/gpu_check.py --device cpu --out report.md  # tiny shapes on the CPU (CI runs this)
 Prints one markdown report (and writes it to --out): correctness items PASS/FAIL with their figure,
 then speed and memory next to transformers in the same run (the bench/ scripts' functions, fewer
