@@ -226,9 +226,10 @@ def main():
     device = torch.device(args.device)
     big = device.type == "cuda"  # the real shapes on a GPU, tiny ones elsewhere
     t_start = time.time()
-    rows = []
+    rows, names = [], []
 
     def check(section, name, fn, *fn_args, speed=False):
+        names.append(name)
         if args.only and not any(w.strip() in name for w in args.only.split(",")):
             return
         if speed and time.time() - t_start > args.budget:
@@ -262,6 +263,8 @@ def main():
     check("speed", f"SFT step, packed rows ({shape})", sft_speed, device, big, speed=True)
     check("speed", f"DPO step vs SFT step ({shape})", dpo_speed, device, big, speed=True)
 
+    if not rows:
+        sys.exit(f"--only {args.only!r}: no item's name holds one of these words; the items: " + "; ".join(names))
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     try:
         import transformers

@@ -52,6 +52,16 @@ def test_gpu_check_runs_every_item_on_the_cpu_and_ends_with_a_summary(tmp_path):
     assert re.search(r"^summary: 6 passed, 0 failed, 1 skipped$", report, re.M)
 
 
+def test_gpu_check_only_runs_the_named_items_and_refuses_words_that_name_none(tmp_path):
+    run = lambda only: subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--only", only],
+                                      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run("DPO:,cuDNN")
+    assert [cells[0] for cells in table_rows_of(out.stdout)] == ["packed rows, SDPA (cuDNN first) = math backend",
+                                                                  "DPO: cached reference = live reference"]
+    bad = run("logitz")
+    assert bad.returncode == 1 and "--only 'logitz'" in bad.stderr and "logits = transformers, float32" in bad.stderr
+
+
 def table_rows_of(text):
     lines = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| ---") and not l.startswith("| item")]
     return [[c.strip() for c in l.strip("|").split("|")] for l in lines]
