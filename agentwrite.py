@@ -700,8 +700,10 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     todo = [(key, src) for key, src in items if key not in finished]
     own = client is None and todo  # made here, closed here; none when there is nothing to write
     if own and cfg.checkpoint:
-        client = LocalClient(cfg.checkpoint, max_batch=max(1, cfg.workers), system=cfg.system, context=cfg.context,
-                             repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
+        # one row per item in flight, never more: each row is a whole context of cache (8,192 tokens of SmolLM2 in
+        # float32: 380 MB), so --workers 64 for 2 items held 24 GB and was killed on a 23 GB machine
+        client = LocalClient(cfg.checkpoint, max_batch=max(1, min(cfg.workers, len(todo))), system=cfg.system,
+                             context=cfg.context, repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
                              dtype=cfg.dtype, top_p=cfg.top_p)
     elif own:
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,

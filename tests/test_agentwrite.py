@@ -648,6 +648,33 @@ def test_a_finished_local_rerun_loads_no_model_and_a_closed_client_exits_cleanly
     assert done.returncode == 0, done.stderr
 
 
+def test_a_local_writer_gets_one_cache_row_per_item_not_per_worker(tmp_path, monkeypatch):
+    """Each row is a whole context of cache: --workers 64 for 2 items held 24 GB of SmolLM2 cache and was killed."""
+    import agentwrite
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    tiny_checkpoint(ckpt)
+    rows = []
+
+    class Recorder(SectionWriter):
+        def __init__(self, checkpoint, max_batch, **kw):
+            super().__init__()
+            rows.append(max_batch)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(agentwrite, "LocalClient", Recorder)
+    inputs = tmp_path / "in.jsonl"
+    prompts = lambda n: "".join(json.dumps({"prompt": f"Write a 700-word essay on tides, part {k}."}) + "\n" for k in range(n))
+    inputs.write_text(prompts(2))
+    cfg = lambda workers: AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton",
+                                      checkpoint=str(ckpt), workers=workers)
+    assert run(cfg(64), log=quiet)["done"] == 2 and rows == [2]
+    inputs.write_text(prompts(7))  # 5 more to write: as many rows as workers
+    assert run(cfg(3), log=quiet)["done"] == 5 and rows == [2, 3]
+
+
 class StumblingWriter(SectionWriter):
     """Its first answer to each section has no complete sentence (a small model's heading or broken-off list)."""
 
