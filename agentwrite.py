@@ -316,7 +316,7 @@ class LocalClient:
                  seed=0, repetition_penalty=1.0, no_repeat_ngram=0, dtype="", top_p=0.8):
         import torch
         from dataset import load_tokenizer
-        from generate import context_of
+        from generate import check_cache_memory, context_of
         from model import Transformer, compute_dtype
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = load_tokenizer(checkpoint, template)
@@ -326,6 +326,7 @@ class LocalClient:
         self.repetition_penalty, self.no_repeat_ngram, self.top_p = repetition_penalty, no_repeat_ngram, top_p
         # a cache row: the model's context (or --context), at most row_len tokens (the cache holds max_batch rows)
         self.row_len = min(row_len, context_of(self.model, context))
+        check_cache_memory(self.model, max_batch, self.row_len)  # here, before the serving thread
         self.closed, self.thread = False, threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 

@@ -526,7 +526,10 @@ def main():
     config_class = RealConfig if real else DemoConfig
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cfg = config_class(**vars(add_flags(ap, config_class).parse_args()))
-    (run_real if real else run_toy)(cfg)
+    try:
+        (run_real if real else run_toy)(cfg)
+    except (FileNotFoundError, ValueError) as e:  # bad input, named by the script that found it
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     S = P + max_new_tokens
     for i, p in enumerate(prompts):  # left padding puts every prompt at P tokens
         check_request(model, [0] * P, max_new_tokens, S, f"prompt {i}" if B > 1 else "prompt")
+    check_cache_memory(model, B, S)
     torch.manual_seed(seed)
     logits, start, slots = prefill(model, prompts, S)
 
@@ -286,6 +287,29 @@ def check_request(model, prompt, max_new_tokens, row_len, what="prompt"):
     if window and need > window:
         raise ValueError(f"{what}: {need} tokens is longer than the model's sliding_window ({window}), "
                          "which this implementation does not apply")
+
+
+def free_memory() -> int:
+    """Bytes of memory available now (Linux's MemAvailable), or 0 where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def check_cache_memory(model, rows: int, row_len: int):
+    """On a CPU, refuse a KV cache larger than the memory available now. Why: the cache is zeros, which a CPU
+    hands out page by page as they are first written, so an oversized one is not refused when it is made; the
+    process is killed later, once the rows fill (64 rows of 8,192 tokens of SmolLM2 in float32: 24 GB, killed
+    after minutes on a 23 GB machine). CUDA allocates at once and raises its own out-of-memory error."""
+    p, cfg = model.embed_tokens.weight, model.config
+    need = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * row_len * cfg.head_dim * p.element_size()
+    free = free_memory() if p.device.type == "cpu" else 0
+    if free and need > free:
+        raise ValueError(f"a KV cache of {rows} rows x {row_len} tokens needs {need / 2**30:.1f} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB of memory available: decode fewer rows at once (--slots, --batch-size "
+                         "or --workers, as the script names them) or shorter answers")
 
 
 @torch.no_grad()
@@ -402,6 +426,7 @@ def generate_many(model, prompts: list[list[int]], max_new_tokens, stop_ids=(), 
     row_len = max(len(p) + m for p, m in zip(prompts, max_new))
     for i, (p, m) in enumerate(zip(prompts, max_new)):
         check_request(model, p, m, row_len, f"prompt {i}")
+    check_cache_memory(model, min(slots, n), row_len)
     waiting = iter([(i, prompts[i], max_new[i], stops[i], temperature) for i in range(n)])
     yield from continuous(model, lambda block: next(waiting, None), min(slots, n), row_len, top_k, top_p, seed,
                           compile, repetition_penalty, repetition_window, no_repeat_ngram)

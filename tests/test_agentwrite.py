@@ -675,6 +675,15 @@ def test_a_local_writer_gets_one_cache_row_per_item_not_per_worker(tmp_path, mon
     assert run(cfg(3), log=quiet)["done"] == 5 and rows == [2, 3]
 
 
+def test_a_local_writer_whose_cache_cannot_fit_is_refused_before_its_thread_starts(tmp_path, monkeypatch):
+    import generate
+    _, model = tiny_checkpoint(tmp_path)
+    monkeypatch.setattr(generate, "free_memory", lambda: 10**6)  # 1 MB: 3 rows of the whole context do not fit
+    n = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"KV cache of 3 rows x {n} tokens needs .* GiB, more than .* available"):
+        LocalClient(str(tmp_path), device="cpu", max_batch=3)
+
+
 class StumblingWriter(SectionWriter):
     """Its first answer to each section has no complete sentence (a small model's heading or broken-off list)."""
 

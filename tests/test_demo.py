@@ -2,6 +2,7 @@
 the bootstrap interval it reports, and the real-model path on a tiny GGUF model written here."""
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -133,6 +134,17 @@ def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_pai
     assert "paired over the same requests the gain is 25.0 [" in text
     with pytest.raises(SystemExit, match="--samples 0: each request needs at least 1 answer"):
         run_real(RealConfig(samples=0, out="/nonexistent/never-made"))  # refused before anything is written
+
+
+def test_bad_input_found_inside_a_stage_ends_the_demo_with_one_error_line(monkeypatch):
+    import demo
+
+    def refuse(cfg):
+        raise ValueError("a KV cache of 64 rows x 8192 tokens needs 22.5 GiB, more than the 20.1 GiB available")
+    monkeypatch.setattr(demo, "run_real", refuse)
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--real", "--slots", "64"])
+    with pytest.raises(SystemExit, match=r"^error: a KV cache of 64 rows"):
+        demo.main()
 
 
 def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs():

@@ -528,6 +528,24 @@ def test_a_prompt_plus_answer_past_the_context_is_refused_naming_both_numbers(ch
         fit_new_tokens(model, 64, 0)
 
 
+def test_a_cpu_cache_larger_than_the_free_memory_is_refused_before_decoding(checkpoints, monkeypatch):
+    """A CPU takes the zeros of the cache page by page, so an oversized cache was not refused when made: the
+    process was killed minutes later (the demo's --slots 64 on SmolLM2: 24 GB on a 23 GB machine)."""
+    import generate as gen
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    cfg = model.config
+    row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4  # bytes per token of a row, float32
+    monkeypatch.setattr(gen, "free_memory", lambda: 3 * 20 * row)  # room for 3 rows of 20 tokens
+    assert len(dict(gen.generate_many(model, [[3, 4]] * 3, 18, slots=8))) == 3  # 3 rows used of 8: fits
+    with pytest.raises(ValueError, match=r"KV cache of 4 rows x 20 tokens needs .* GiB, more than the .* GiB of memory "
+                                         r"available: decode fewer rows at once \(--slots"):
+        list(gen.generate_many(model, [[3, 4]] * 4, 18, slots=8))
+    with pytest.raises(ValueError, match="KV cache of 4 rows x 20 tokens"):
+        generate(model, [[3, 4]] * 4, 18)
+    monkeypatch.setattr(gen, "free_memory", lambda: 0)  # not known (no /proc/meminfo): nothing is refused
+    assert len(dict(gen.generate_many(model, [[3, 4]] * 4, 18, slots=8))) == 4
+
+
 def test_an_answer_that_used_its_whole_limit_is_marked_cut(checkpoints):
     model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
     free = generate(model, [[3, 4, 5]], max_new_tokens=20, temperature=0)[0]
