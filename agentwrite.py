@@ -409,6 +409,7 @@ class JsonlLog:
             return [json.loads(line) for line in f if line.strip()]
 
     def append(self, record: dict):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)  # not there: --output a/b.jsonl
         with self.lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()

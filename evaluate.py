@@ -406,6 +406,7 @@ def scatter_svg(series: dict, path: str, title="Required vs. output length", siz
         x, y = pad + 15, pad + 12 + 18 * k
         svg.append(f'{marker(x, y, c)}<text x="{x + 11}" y="{y + 4}">{escape(text)}</text>')
     svg.append("</svg>")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(svg))
     os.replace(path + ".tmp", path)

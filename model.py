@@ -595,6 +595,8 @@ def save_hf(state_dict: dict, cfg: ModelConfig, path, max_shard_bytes: int = 5 *
 
 
 def write_json(file, obj):
+    """Atomically (a kill leaves the old file or the new one), into its folder, made if it is not there."""
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
     with open(file + ".tmp", "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
     os.replace(file + ".tmp", file)

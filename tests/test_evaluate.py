@@ -153,18 +153,22 @@ def test_predict_with_a_tiny_local_checkpoint_end_to_end(tmp_path):
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "type": "T", "length": n})
                              + "\n" for n in (100, 200, 300)))
-    cmd = ["predict", bench, "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "pred.jsonl", "--max-new-tokens",
-           "30", "--batch-size", "2", "--out", tmp_path / "s.json"]
-    run = run_cli("evaluate.py", *cmd)
+    cmd = ["predict", bench, "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "new" / "pred.jsonl", "--max-new-tokens",
+           "30", "--batch-size", "2", "--out", tmp_path / "new2" / "s.json"]
+    run = run_cli("evaluate.py", *cmd)  # into folders not made yet
     assert run.returncode == 0, run.stderr
-    preds = [json.loads(l) for l in open(tmp_path / "pred.jsonl")]
+    preds = [json.loads(l) for l in open(tmp_path / "new" / "pred.jsonl")]
     assert sorted(p["index"] for p in preds) == [0, 1, 2]
     assert all(p["response_length"] == count_words(p["response"]) and p["type"] == "T" for p in preds)
-    assert "S_l" in json.load(open(tmp_path / "s.json"))
-    before = open(tmp_path / "pred.jsonl").read()
+    assert "S_l" in json.load(open(tmp_path / "new2" / "s.json"))
+    before = open(tmp_path / "new" / "pred.jsonl").read()
     assert run_cli("evaluate.py", *cmd).returncode == 0
-    assert open(tmp_path / "pred.jsonl").read() == before  # resumed: nothing redone
-    run = run_cli("evaluate.py", "length", tmp_path / "pred.jsonl", "--out", tmp_path / "l.json")
+    assert open(tmp_path / "new" / "pred.jsonl").read() == before  # resumed: nothing redone
+    run = run_cli("evaluate.py", "report", tmp_path / "new" / "pred.jsonl", "--out", tmp_path / "r" / "l.json",
+                  "--plot", tmp_path / "p" / "lengths.svg")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "p" / "lengths.svg").read_text().startswith("<svg")
+    run = run_cli("evaluate.py", "length", tmp_path / "new" / "pred.jsonl", "--out", tmp_path / "l.json")
     assert run.returncode == 0 and set(json.load(open(tmp_path / "l.json"))) >= {"S_l", "n"}
 
 
