@@ -373,7 +373,8 @@ def prepare(cfg, kind="sft", write_default_data=None):
         if dist.is_initialized():
             dist.barrier()
     if len(packed) < cfg.batch_rows:
-        raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows}")
+        raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows} "
+                         f"(--batch-rows {len(packed)} or fewer, or more data)")
     mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
     model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype(cfg.dtype, device), cfg.checkpointing,
                         cfg.compile, load=not cfg.resume)

@@ -146,6 +146,8 @@ def test_frozen_layers_keep_their_weights_and_a_frozen_run_resumes_exactly(corpu
     assert all(not torch.equal(start[k], end[k]) for k in start if k.startswith("layers.1."))
     with pytest.raises(ValueError, match="--freeze-layers 3: the model has 2 blocks"):
         run(corpus, tmp_path / "bad", freeze_layers=3)
+    with pytest.raises(ValueError, match=r"packed rows, fewer than one batch of 1000 \(--batch-rows \d+ or fewer"):
+        run(corpus, tmp_path / "bad", batch_rows=1000)
 
 
 def test_dtype_bfloat16_autocasts_on_cpu_too_and_the_default_there_stays_float32(corpus, tmp_path):
