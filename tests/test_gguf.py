@@ -112,6 +112,29 @@ def test_an_unquantized_file_round_trips_to_the_same_weights(tmp_path):
     assert meta["llama.block_count"] == 2 and tensors["blk.0.attn_k.weight"][1] == (32, 64)
 
 
+def test_a_folder_already_there_is_never_replaced_unless_it_is_a_checkpoint_and_overwrite_says_so(tmp_path):
+    write_gguf(tmp_path / "m.gguf", quantized=False)
+    runs = tmp_path / "runs"
+    (runs / "exp").mkdir(parents=True)
+    (runs / "exp" / "scores.json").write_text("{}")
+    for overwrite in (False, True):  # `convert_gguf.py m.gguf runs` once deleted every run under runs/
+        with pytest.raises(ValueError, match="runs: already there and not a checkpoint folder"):
+            convert(str(tmp_path / "m.gguf"), str(runs), log=lambda s: None, overwrite=overwrite)
+    assert (runs / "exp" / "scores.json").read_text() == "{}"
+    (tmp_path / "empty").mkdir()
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "empty"), log=lambda s: None)  # an empty folder is fine
+    ckpt = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match="already holds a checkpoint; --overwrite replaces it"):
+        convert(str(tmp_path / "m.gguf"), ckpt, log=lambda s: None)
+    (tmp_path / "empty.tmp").mkdir()
+    (tmp_path / "empty.tmp" / "model-00001-of-00002.safetensors").write_text("left by a killed run")
+    convert(str(tmp_path / "m.gguf"), ckpt, log=lambda s: None, overwrite=True)
+    files = os.listdir(ckpt)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert "model-00001-of-00002.safetensors" not in files and not (tmp_path / "empty.tmp").exists()
+    Transformer.from_pretrained(ckpt)
+
+
 def test_a_quantized_file_equals_transformers_gguf_load_weights_and_tokenizer(tmp_path):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
     write_gguf(tmp_path / "m.gguf", quantized=True)
