@@ -51,6 +51,9 @@ def test_the_demo_leaves_every_artifact_prints_the_same_table_twice_and_reuses_f
     assert (out / "pred-b.jsonl").read_text() == before
     run = run_cli("demo.py", "--out", out, *TINY, "--seed", "1")
     assert run.returncode != 0 and "--seed 0 -> 1" in run.stderr and "--overwrite" in run.stderr
+    for flags in ((), ("--overwrite",)):  # a folder of other files (here: runs/) is never written into nor deleted
+        run = run_cli("demo.py", "--out", tmp_path, *TINY, *flags)
+        assert run.returncode != 0 and "holds files but no demo run" in run.stderr and (out / "demo_config.json").exists()
 
 
 def test_the_bootstrap_interval_covers_a_known_case():
