@@ -438,14 +438,17 @@ def run_real(cfg: RealConfig, writer=None):
     writer: an AgentWrite client to write with instead of the base checkpoint (the tests' scripted one)."""
     if cfg.samples < 1:
         sys.exit(f"error: --samples {cfg.samples}: each request needs at least 1 answer")
+    base = os.path.join(cfg.out, "base")
+    gguf = None if os.path.isfile(os.path.join(base, "model.safetensors")) else cfg.gguf or smollm2_gguf()
+    if gguf and not os.path.isfile(gguf):  # the inputs are checked before --out is touched
+        raise FileNotFoundError(f"{gguf}: GGUF file not found (--gguf)")
+    rows = eval_requests(cfg)
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
-    base = os.path.join(cfg.out, "base")
     stage("1. the model: GGUF -> Hugging Face folder")
-    if not os.path.isfile(os.path.join(base, "model.safetensors")):
-        convert(cfg.gguf or smollm2_gguf(), base)
+    if gguf:
+        convert(gguf, base)
     print(f"{base}: context {read_config(base)['max_position_embeddings']} tokens; computing in {real_dtype(cfg)}")
-    rows = eval_requests(cfg)
     asked = [{**r, "sample": k} for r in rows for k in range(cfg.samples)]  # request j's answers: j*K .. j*K+K-1
     each = f", {cfg.samples} answers each" if cfg.samples > 1 else ""
     preds = {}

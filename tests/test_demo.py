@@ -150,6 +150,16 @@ def test_bad_input_found_inside_a_stage_ends_the_demo_with_one_error_line(monkey
         demo.main()
 
 
+def test_the_real_demo_checks_its_inputs_before_writing_anything(tmp_path):
+    out = tmp_path / "out"  # a first run with a wrong path left a demo_config.json that then refused the right one
+    with pytest.raises(FileNotFoundError, match="missing.gguf: GGUF file not found"):
+        run_real(RealConfig(gguf=str(tmp_path / "missing.gguf"), out=str(out)))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match="longbench_write_en.jsonl: the benchmark prompts are not there"):
+        run_real(RealConfig(gguf=str(tmp_path / "m.gguf"), bench_dir=str(tmp_path / "nowhere"), out=str(out)))
+    assert not out.exists()
+
+
 def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs():
     rows = train_instructions(RealConfig(train_items=12))
     assert len({r["prompt"] for r in rows}) == 12 and sum(bool(re.search(r"\bstory\b", r["prompt"])) for r in rows) == 4
