@@ -248,6 +248,9 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_unless_told_to_overwrite(c
     run(corpus, tmp_path, max_steps=6, save_every=3)  # another run: step_3 and step_6
     with pytest.raises(ValueError, match="already holds checkpoints .*--overwrite"):
         run(corpus, tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"--model .*step_3 lies in .*step_3, which --overwrite would delete"):
+        run(corpus, tmp_path, model=str(tmp_path / "step_3"), max_steps=2, overwrite=True)  # it deleted step_3, then failed
+    assert step_dirs(str(tmp_path)) == ["step_3", "step_6"]
     run(corpus, tmp_path, max_steps=2, overwrite=True, keep=1)
     assert step_dirs(str(tmp_path)) == ["step_2"] and (tmp_path / "latest").read_text().strip() == "step_2"
     assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
