@@ -680,11 +680,18 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
             raise ValueError(f"{getattr(cfg, name + '_prompt') or name + ' prompt'}: no {{{missing[0]}}} marker "
                              f"(the {name} prompt needs {', '.join('{' + m + '}' for m in markers)})")
     items = read_instructions(cfg.input)
+    if os.path.realpath(cfg.output) == os.path.realpath(cfg.input):
+        raise ValueError(f"--output {cfg.output}: the --input file, which writing there would destroy: write to another file")
     if cfg.overwrite:
         for path in (cfg.output, cfg.output + ".cache.jsonl"):
             if os.path.exists(path):
                 os.remove(path)
     output, cache = JsonlLog(cfg.output), JsonlLog(cfg.output + ".cache.jsonl")
+    for log_file, field in ((output, "key"), (cache, "kind")):
+        line = next((n for n, r in enumerate(log_file.read(), 1) if field not in r), None)
+        if line:
+            raise ValueError(f"{log_file.path}:{line}: not written by AgentWrite (no \"{field}\"): write to another "
+                             "--output, or --overwrite to start it afresh")
     settings = writer_settings(cfg)
     check_settings(output, cache, settings, log)
     # a dropped item is judged again from its cached paragraphs (no call), so another --min/--max-ratio applies

@@ -501,6 +501,10 @@ def main():
     cfg = EvalConfig(**vars(add_flags(ap, EvalConfig, skip=("command", "files")).parse_args()))
     client = lambda model: ChatClient(cfg.api_base, model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                       cfg.max_retries)
+    same = [p for p in (cfg.output, cfg.judged, cfg.out, cfg.plot)
+            if p and any(os.path.realpath(p) == os.path.realpath(f) for f in cfg.files)]
+    if same:  # e.g. `length pred.jsonl --out pred.jsonl` replaced the predictions with their scores
+        sys.exit(f"error: {same[0]} is also an input file, which writing there would destroy: write to another file")
     try:
         if cfg.command == "predict":
             rows = read_rows(cfg.files[0])[:cfg.limit or None]

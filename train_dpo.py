@@ -275,6 +275,9 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     missing. Sampling runs in-process with --model (continuous batching) unless a sampler (an endpoint,
     --sampler-model) is given; then --workers calls run at once."""
     records, _ = read_jsonl(cfg.build_pairs, parse_pair_instruction)
+    if os.path.realpath(cfg.pairs_out) == os.path.realpath(cfg.build_pairs):
+        raise ValueError(f"--pairs-out {cfg.pairs_out}: the --build-pairs file, which writing there would destroy: "
+                         "write to another file")
     key = os.environ.get(cfg.api_key_env, "")
     if sampler is None and cfg.sampler_model:
         sampler = ChatClient(cfg.api_base, cfg.sampler_model, key)

@@ -602,6 +602,19 @@ def test_settings_recorded_before_top_p_and_headings_existed_resume_and_top_p_is
             run(cfg(top_p=bad, output=str(tmp_path / "new.jsonl")), client=writer, log=quiet)
 
 
+def test_an_output_that_is_the_input_or_not_agentwrites_is_refused_and_left_as_it_is(tmp_path):
+    inputs, other = tmp_path / "in.jsonl", tmp_path / "other.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    other.write_text(inputs.read_text())
+    cfg = lambda out, **kw: AgentConfig(input=str(inputs), output=str(out), plan="skeleton", **kw)
+    for overwrite in (False, True):  # with --overwrite the input file was deleted before being written over
+        with pytest.raises(ValueError, match="--output .*in.jsonl: the --input file"):
+            run(cfg(inputs, overwrite=overwrite), client=SectionWriter(), log=quiet)
+    with pytest.raises(ValueError, match=r"other.jsonl:1: not written by AgentWrite \(no \"key\"\)"):  # was a KeyError
+        run(cfg(other), client=SectionWriter(), log=quiet)
+    assert inputs.read_text() == other.read_text() == json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n"
+
+
 def test_a_dropped_answer_is_judged_again_from_the_cache_under_another_max_ratio(tmp_path):
     inputs, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")

@@ -170,6 +170,9 @@ def test_predict_with_a_tiny_local_checkpoint_end_to_end(tmp_path):
     assert (tmp_path / "p" / "lengths.svg").read_text().startswith("<svg")
     run = run_cli("evaluate.py", "length", tmp_path / "new" / "pred.jsonl", "--out", tmp_path / "l.json")
     assert run.returncode == 0 and set(json.load(open(tmp_path / "l.json"))) >= {"S_l", "n"}
+    run = run_cli("evaluate.py", "length", tmp_path / "new" / "pred.jsonl", "--out", tmp_path / "new" / "pred.jsonl")
+    assert run.returncode == 1 and "pred.jsonl is also an input file" in run.stderr  # the scores replaced the answers
+    assert open(tmp_path / "new" / "pred.jsonl").read() == before
 
 
 def test_a_bad_prediction_file_names_its_line(tmp_path):

@@ -114,6 +114,12 @@ def test_an_instruction_without_a_length_is_named(tmp_path):
     cfg = DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "p.jsonl"))
     with pytest.raises(ValueError, match=r"in.jsonl:1: no \"length\" field"):
         build_pairs(cfg, sampler=Scripted([1]), log=lambda s: None)
+    inputs.write_text(json.dumps({"prompt": "Write something.", "length": 100}) + "\n")
+    for overwrite in (False, True):  # with --overwrite it deleted the instructions before writing pairs there
+        with pytest.raises(ValueError, match="--pairs-out .*in.jsonl: the --build-pairs file"):
+            build_pairs(DPOConfig(build_pairs=str(inputs), pairs_out=str(inputs), overwrite=overwrite),
+                        sampler=Scripted([1]), log=lambda s: None)
+    assert json.loads(inputs.read_text())["length"] == 100
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
