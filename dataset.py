@@ -169,8 +169,11 @@ class Tokenizer:
             self.specials = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
                              if self.sp.is_control(i) or self.sp.is_unknown(i)}
         else:
-            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model here; name the folder that holds "
-                                    "them with --tokenizer")
+            latest = os.path.join(path, "latest")  # a training run's --out, not one of its checkpoints
+            meant = (f" (a training run: its last checkpoint is {os.path.join(path, open(latest).read().strip())})"
+                     if os.path.isfile(latest) else "")
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model here{meant}; name the folder that "
+                                    "holds them with --tokenizer")
         config = read_json(os.path.join(path, "tokenizer_config.json"))
         for i, t in (config.get("added_tokens_decoder") or {}).items():
             self.specials.setdefault(t["content"], int(i))

@@ -538,7 +538,10 @@ def read_config(path) -> dict:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face checkpoint folder")
+        latest = os.path.join(path, "latest")  # a training run's --out: name the checkpoint meant
+        run = (f"; it holds a training run, whose last checkpoint is {os.path.join(path, open(latest).read().strip())}"
+               if os.path.isfile(latest) else "")
+        raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face checkpoint folder{run}")
     try:
         with open(file) as f:
             return json.load(f)

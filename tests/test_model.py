@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from cli import run_cli
-from dataset import build_tokenizer
+from dataset import build_tokenizer, load_tokenizer
 from generate import (context_of, finish_reason, fit_new_tokens, forbid, generate, generate_many, keep_stop_odds,
                       no_repeat, penalize, sample)
 from hf_models import BASE, CASES, make_hf_model, save_hf_model
@@ -190,6 +190,12 @@ def test_bad_checkpoint_folders_raise_clear_errors(checkpoints, tmp_path):
         Transformer.from_pretrained(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Transformer.from_pretrained(tmp_path)
+    run = tmp_path / "sft"  # a training run's --out given where one of its checkpoints was meant
+    (run / "step_9").mkdir(parents=True)
+    (run / "latest").write_text("step_9\n")
+    for load in (Transformer.from_pretrained, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=r"a training run.*last checkpoint is .*sft/step_9"):
+            load(str(run))
     (tmp_path / "config.json").write_text(json.dumps(make_hf_model("llama").config.to_dict()))
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         Transformer.from_pretrained(tmp_path)
