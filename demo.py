@@ -34,7 +34,7 @@ from dataset import (TOKENS_PER_WORD, TOPICS, WORDINGS, add_flags, chat_prompt_i
                      write_builtin)
 from evaluate import length_score, predict_local, read_rows, scatter_svg, table
 from generate import context_of
-from model import Transformer, compute_dtype, read_config, write_json
+from model import Transformer, check_device, compute_dtype, read_config, write_json
 from train_dpo import DPOConfig, build_pairs
 from train_dpo import train as train_dpo
 from train_sft import TrainConfig
@@ -176,6 +176,7 @@ def prepare_out(cfg):
 
 
 def run_toy(cfg: DemoConfig):
+    check_device(cfg.device)
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     s = cfg.scale
@@ -438,6 +439,7 @@ def run_real(cfg: RealConfig, writer=None):
     writer: an AgentWrite client to write with instead of the base checkpoint (the tests' scripted one)."""
     if cfg.samples < 1:
         sys.exit(f"error: --samples {cfg.samples}: each request needs at least 1 answer")
+    check_device(cfg.device)
     base = os.path.join(cfg.out, "base")
     gguf = None if os.path.isfile(os.path.join(base, "model.safetensors")) else cfg.gguf or smollm2_gguf()
     if gguf and not os.path.isfile(gguf):  # the inputs are checked before --out is touched

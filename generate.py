@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dataset import chat_prompt_ids, count_words, load_tokenizer
-from model import KVCache, Transformer
+from model import KVCache, Transformer, check_device
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:
@@ -480,6 +480,7 @@ def main():
     if not cfg.checkpoint:
         ap.error("--checkpoint DIR is required")
     try:
+        check_device(cfg.device)
         tokenizer = load_tokenizer(cfg.checkpoint, cfg.template or None)
         model = Transformer.from_pretrained(cfg.checkpoint, getattr(torch, cfg.dtype), cfg.device).eval()
         prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": cfg.prompt}], cfg.system)

@@ -524,6 +524,19 @@ def hf_names(our_names, cfg: ModelConfig) -> list[str]:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_device(device: str):
+    """Refuse, with one line that says why, a --device torch does not know or a CUDA device where there is none
+    (torch's own errors differ by script: an AssertionError, or a missing torch._C attribute, as tracebacks)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device torch knows (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, {why}); "
+                         "use --device cpu")
+
+
 def compute_dtype(name: str, device) -> torch.dtype:
     """A --dtype by name; "" is bf16 on CUDA and float32 on CPU, where bf16 is fast only on CPUs with bf16
     instructions (AVX512-BF16, AMX) and slow elsewhere."""

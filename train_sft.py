@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dataset import add_flags, load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
-from model import ModelConfig, Transformer, compute_dtype, read_config, save_hf, write_json
+from model import ModelConfig, Transformer, check_device, compute_dtype, read_config, save_hf, write_json
 
 
 @dataclass
@@ -89,6 +89,8 @@ PRESETS = {"tiny": dict(model_type="llama", hidden_size=64, intermediate_size=19
 def setup_distributed(device_arg: str):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg:
+        check_device(device_arg)
     use_cuda = device_arg.startswith("cuda") if device_arg else torch.cuda.is_available()
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:

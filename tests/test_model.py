@@ -185,6 +185,23 @@ def test_save_pretrained_round_trips_through_transformers(checkpoints, tmp_path)
             assert (again(ids) - ours(ids)).abs().max() == 0
 
 
+def test_a_device_that_is_not_there_is_refused_in_one_line(monkeypatch, tmp_path):
+    """The README's GPU commands on a machine without CUDA gave three different tracebacks."""
+    from model import check_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device cuda:1: CUDA is not available here \(torch .*\); use --device cpu"):
+        check_device("cuda:1")
+    with pytest.raises(ValueError, match="--device 'gpu': not a device torch knows"):
+        check_device("gpu")
+    check_device("cpu")
+    for script, args in (("generate.py", ["--checkpoint", tmp_path, "--prompt", "hi"]),
+                         ("train_sft.py", ["--out", tmp_path / "run"]), ("demo.py", ["--real", "--out", tmp_path / "d"])):
+        run = run_cli(script, *args, "--device", "gpu")
+        assert run.returncode == 1 and run.stderr.strip().splitlines() == ["error: --device 'gpu': not a device torch "
+                                                                           "knows (cpu, cuda, cuda:N)"], run.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "d").exists()
+
+
 def test_bad_checkpoint_folders_raise_clear_errors(checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Transformer.from_pretrained(tmp_path / "nope")
