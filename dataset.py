@@ -159,6 +159,9 @@ class Tokenizer:
 
     def __init__(self, path, template=None):
         self.path = path
+        if str(path).endswith(".gguf") and os.path.isfile(path):  # the real model ships as one
+            raise FileNotFoundError(f"{path}: a GGUF file, not a checkpoint folder; make one with "
+                                    f"`python convert_gguf.py {path} OUT_DIR` and give OUT_DIR")
         json_file, sp_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
         self.hf = self.sp = None
         if os.path.isfile(json_file):

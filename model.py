@@ -546,7 +546,15 @@ def compute_dtype(name: str, device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def refuse_gguf(path):
+    """A .gguf file given where a checkpoint folder goes (the real model ships as one): say how to get the folder."""
+    if str(path).endswith(".gguf") and os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: a GGUF file, not a checkpoint folder; make one with "
+                                f"`python convert_gguf.py {path} OUT_DIR` and give OUT_DIR")
+
+
 def read_config(path) -> dict:
+    refuse_gguf(path)
     file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
@@ -563,6 +571,7 @@ def read_config(path) -> dict:
 
 
 def checkpoint_files(path) -> list[str]:
+    refuse_gguf(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:

@@ -213,6 +213,10 @@ def test_bad_checkpoint_folders_raise_clear_errors(checkpoints, tmp_path):
     for load in (Transformer.from_pretrained, load_tokenizer):
         with pytest.raises(FileNotFoundError, match=r"a training run.*last checkpoint is .*sft/step_9"):
             load(str(run))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # the real model ships as one; it was "no tokenizer.json here"
+    for load in (Transformer.from_pretrained, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=r"m.gguf: a GGUF file, not a checkpoint folder.*convert_gguf.py"):
+            load(str(tmp_path / "m.gguf"))
     (tmp_path / "config.json").write_text(json.dumps(make_hf_model("llama").config.to_dict()))
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         Transformer.from_pretrained(tmp_path)
