@@ -321,7 +321,13 @@ REAL_WORDINGS = ["Write {what}. Approximately {n} words.", "Write {what} in abou
 def train_instructions(cfg) -> list[dict]:
     """AgentWrite's instructions: our own subjects, forms and wordings (none from the benchmarks), one story in
     three, the asked lengths cycling through --train-lengths."""
-    lengths = [int(n) for n in cfg.train_lengths.split(",")]
+    try:
+        lengths = [int(n) for n in cfg.train_lengths.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1 or cfg.train_items < 2:
+        raise ValueError(f"--train-lengths {cfg.train_lengths!r} --train-items {cfg.train_items}: numbers of words "
+                         "separated by commas, and at least 2 instructions (SFT needs 2 answers)")
     rows = []
     for k in range(cfg.train_items):
         what = (f"a story about {STORIES[(k // 3) % len(STORIES)]}" if k % 3 == 2 else
@@ -444,7 +450,10 @@ def run_real(cfg: RealConfig, writer=None):
     gguf = None if os.path.isfile(os.path.join(base, "model.safetensors")) else cfg.gguf or smollm2_gguf()
     if gguf and not os.path.isfile(gguf):  # the inputs are checked before --out is touched
         raise FileNotFoundError(f"{gguf}: GGUF file not found (--gguf)")
-    rows = eval_requests(cfg)
+    rows, train_rows = eval_requests(cfg), train_instructions(cfg)  # bad flags fail here, not after an hour
+    if not rows:
+        raise ValueError(f"{cfg.bench_dir}: no English request asks {cfg.eval_min}-{cfg.eval_max} words "
+                         "(--eval-min, --eval-max)")
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     stage("1. the model: GGUF -> Hugging Face folder")
@@ -461,7 +470,7 @@ def run_real(cfg: RealConfig, writer=None):
     stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
     inst_file, data = os.path.join(cfg.out, "instructions.jsonl"), os.path.join(cfg.out, "agentwrite.jsonl")
     with open(inst_file + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in train_instructions(cfg))
+        f.writelines(json.dumps(r) + "\n" for r in train_rows)
     os.replace(inst_file + ".tmp", inst_file)
     t0 = time.time()
     sft_out = os.path.join(cfg.out, "sft")

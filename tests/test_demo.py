@@ -157,6 +157,14 @@ def test_the_real_demo_checks_its_inputs_before_writing_anything(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(FileNotFoundError, match="longbench_write_en.jsonl: the benchmark prompts are not there"):
         run_real(RealConfig(gguf=str(tmp_path / "m.gguf"), bench_dir=str(tmp_path / "nowhere"), out=str(out)))
+    (tmp_path / "bench").mkdir()
+    for name in ("longbench_write_en.jsonl", "longwrite_ruler.jsonl"):
+        (tmp_path / "bench" / name).write_text(json.dumps({"prompt": "Write 2000 words.", "length": 2000}) + "\n")
+    for flags, error in (({"eval_min": 3000, "eval_max": 1500}, "no English request asks 3000-1500 words"),
+                         ({"train_lengths": "2000,abc"}, "--train-lengths '2000,abc' --train-items 24: numbers of words"),
+                         ({"train_items": 1}, "at least 2 instructions")):  # found after the base answers, an hour in
+        with pytest.raises(ValueError, match=error):
+            run_real(RealConfig(gguf=str(tmp_path / "m.gguf"), bench_dir=str(tmp_path / "bench"), out=str(out), **flags))
     assert not out.exists()
 
 
