@@ -177,11 +177,26 @@ def prepare_out(cfg):
 
 def run_toy(cfg: DemoConfig):
     check_device(cfg.device)
+    try:
+        lengths = [int(n) * cfg.scale for n in cfg.eval_lengths.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"--eval-lengths {cfg.eval_lengths!r}: numbers of words separated by commas")
+    # DPO's instructions ask lengths the evaluation never asks (so the scored prompts built no pair)
+    pair_lengths = [n * cfg.scale for n in range(300, cfg.long_cap, 200) if n * cfg.scale not in lengths]
+    if cfg.steps < 1 or cfg.scale < 1:
+        raise ValueError(f"--steps {cfg.steps} --scale {cfg.scale}: each at least 1")
+    if not 100 <= cfg.short_cap <= cfg.long_cap - 100:
+        raise ValueError(f"--short-cap {cfg.short_cap} --long-cap {cfg.long_cap}: 100 <= short cap <= long cap - 100 "
+                         "((b)'s extra answers run from the short cap + 100 words to the long cap)")
+    if not pair_lengths:
+        raise ValueError(f"--long-cap {cfg.long_cap} --eval-lengths {cfg.eval_lengths}: DPO's instructions ask 300, "
+                         "500, ... words below the long cap that the evaluation does not ask, and none is left")
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     s = cfg.scale
     short_cap, long_cap = cfg.short_cap * s, cfg.long_cap * s
-    lengths = [int(n) * s for n in cfg.eval_lengths.split(",")]
     max_tokens = 2048 * s  # a row holds the longest training answer (~1.15 tokens per word)
 
     stage(f"1. built-in corpus: (a) answers of 100-{short_cap} words; (b) the same plus {short_cap + 100}-{long_cap}")
@@ -217,9 +232,7 @@ def run_toy(cfg: DemoConfig):
         stage(f"3. copy ({name}) answers {len(rows)} held-out instructions asking {lengths[0]}-{lengths[-1]} words")
         preds[name] = answer(ckpts[name], rows, os.path.join(cfg.out, f"pred-{name}.jsonl"), cfg)
 
-    # DPO as in the paper, small: pairs from (b)'s own samples, the best and the worst by S_l, on instructions
-    # whose lengths the evaluation never asks (so the scored prompts built no pair)
-    pair_lengths = [n * s for n in range(300, cfg.long_cap, 200) if n * s not in lengths]
+    # DPO as in the paper, small: pairs from (b)'s own samples, the best and the worst by S_l, on pair_lengths
     stage(f"4. pair tool: {cfg.pair_samples} samples from (b) for {cfg.pair_instructions} instructions asking "
           f"{pair_lengths[0]}-{pair_lengths[-1]} words; then DPO")
     pair_rows = instructions([pair_lengths[k % len(pair_lengths)] for k in range(cfg.pair_instructions)], 1, cfg.seed + 7)

@@ -381,6 +381,8 @@ def prepare(cfg, kind="sft", write_default_data=None):
                                  kind=kind, log=log0)
         if dist.is_initialized():
             dist.barrier()
+    if not packed:
+        raise ValueError(f"{cfg.data}: nothing to train on (no conversation fits --max-tokens {cfg.max_tokens})")
     if len(packed) < cfg.batch_rows:
         raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows} "
                          f"(--batch-rows {len(packed)} or fewer, or more data)")

@@ -168,6 +168,17 @@ def test_the_real_demo_checks_its_inputs_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
+def test_the_toy_demo_refuses_flags_it_cannot_run_before_writing_anything(tmp_path):
+    from demo import DemoConfig, run_toy
+    for flags, error in (({"eval_lengths": "100,abc"}, "--eval-lengths '100,abc': numbers of words"),
+                         ({"short_cap": 400, "long_cap": 200}, "100 <= short cap <= long cap - 100"),  # an IndexError
+                         ({"long_cap": 300, "short_cap": 150}, "DPO's instructions ask 300, 500"),
+                         ({"steps": 0}, "--steps 0 --scale 1: each at least 1")):  # "0 packed rows"
+        with pytest.raises(ValueError, match=re.escape(error)):
+            run_toy(DemoConfig(out=str(tmp_path / "out"), **flags))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs():
     rows = train_instructions(RealConfig(train_items=12))
     assert len({r["prompt"] for r in rows}) == 12 and sum(bool(re.search(r"\bstory\b", r["prompt"])) for r in rows) == 4

@@ -148,6 +148,8 @@ def test_frozen_layers_keep_their_weights_and_a_frozen_run_resumes_exactly(corpu
         run(corpus, tmp_path / "bad", freeze_layers=3)
     with pytest.raises(ValueError, match=r"packed rows, fewer than one batch of 1000 \(--batch-rows \d+ or fewer"):
         run(corpus, tmp_path / "bad", batch_rows=1000)
+    with pytest.raises(ValueError, match=r"nothing to train on \(no conversation fits --max-tokens 16\)"):
+        run(corpus, tmp_path / "bad", max_tokens=16)
 
 
 def test_dtype_bfloat16_autocasts_on_cpu_too_and_the_default_there_stays_float32(corpus, tmp_path):
