@@ -681,7 +681,8 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
                              f"(the {name} prompt needs {', '.join('{' + m + '}' for m in markers)})")
     items = read_instructions(cfg.input)
     if os.path.realpath(cfg.output) == os.path.realpath(cfg.input):
-        raise ValueError(f"--output {cfg.output}: the --input file, which writing there would destroy: write to another file")
+        raise ValueError(f"--output {cfg.output}: the --input file, which writing there would destroy: write to "
+                         "another file")
     if cfg.overwrite:
         for path in (cfg.output, cfg.output + ".cache.jsonl"):
             if os.path.exists(path):
@@ -712,8 +713,8 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         # one row per item in flight, never more: each row is a whole context of cache (8,192 tokens of SmolLM2 in
         # float32: 380 MB), so --workers 64 for 2 items held 24 GB and was killed on a 23 GB machine
         client = LocalClient(cfg.checkpoint, max_batch=max(1, min(cfg.workers, len(todo))), system=cfg.system,
-                             context=cfg.context, repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
-                             dtype=cfg.dtype, top_p=cfg.top_p)
+                             context=cfg.context, repetition_penalty=cfg.repetition_penalty,
+                             no_repeat_ngram=cfg.no_repeat_ngram, dtype=cfg.dtype, top_p=cfg.top_p)
     elif own:
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                             cfg.max_retries, cfg.backoff)

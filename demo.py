@@ -161,7 +161,7 @@ def prepare_out(cfg):
     """A rerun with the same settings resumes; other settings in the same --out need --overwrite."""
     path = os.path.join(cfg.out, "demo_config.json")
     mine = {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.isfile(path):  # never write into, or delete, others' files
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.isfile(path):  # never touch others' files
         sys.exit(f"error: {cfg.out} holds files but no demo run (no demo_config.json): choose another --out")
     if os.path.isfile(path) and not cfg.overwrite:
         saved = json.load(open(path))

@@ -308,8 +308,8 @@ def check_cache_memory(model, rows: int, row_len: int):
     free = free_memory() if p.device.type == "cpu" else 0
     if free and need > free:
         raise ValueError(f"a KV cache of {rows} rows x {row_len} tokens needs {need / 2**30:.1f} GiB, more than the "
-                         f"{free / 2**30:.1f} GiB of memory available: decode fewer rows at once (--slots, --batch-size "
-                         "or --workers, as the script names them) or shorter answers")
+                         f"{free / 2**30:.1f} GiB of memory available: decode fewer rows at once (--slots, "
+                         "--batch-size or --workers, as the script names them) or shorter answers")
 
 
 @torch.no_grad()

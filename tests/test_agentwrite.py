@@ -612,7 +612,8 @@ def test_an_output_that_is_the_input_or_not_agentwrites_is_refused_and_left_as_i
             run(cfg(inputs, overwrite=overwrite), client=SectionWriter(), log=quiet)
     with pytest.raises(ValueError, match=r"other.jsonl:1: not written by AgentWrite \(no \"key\"\)"):  # was a KeyError
         run(cfg(other), client=SectionWriter(), log=quiet)
-    assert inputs.read_text() == other.read_text() == json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n"
+    assert inputs.read_text() == other.read_text()\
+        == json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n"
 
 
 def test_a_dropped_answer_is_judged_again_from_the_cache_under_another_max_ratio(tmp_path):
@@ -679,7 +680,8 @@ def test_a_local_writer_gets_one_cache_row_per_item_not_per_worker(tmp_path, mon
 
     monkeypatch.setattr(agentwrite, "LocalClient", Recorder)
     inputs = tmp_path / "in.jsonl"
-    prompts = lambda n: "".join(json.dumps({"prompt": f"Write a 700-word essay on tides, part {k}."}) + "\n" for k in range(n))
+    prompts = lambda n: "".join(json.dumps({"prompt": f"Write a 700-word essay on tides, part {k}."}) + "\n"
+                                for k in range(n))
     inputs.write_text(prompts(2))
     cfg = lambda workers: AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton",
                                       checkpoint=str(ckpt), workers=workers)

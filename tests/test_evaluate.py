@@ -153,8 +153,8 @@ def test_predict_with_a_tiny_local_checkpoint_end_to_end(tmp_path):
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "type": "T", "length": n})
                              + "\n" for n in (100, 200, 300)))
-    cmd = ["predict", bench, "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "new" / "pred.jsonl", "--max-new-tokens",
-           "30", "--batch-size", "2", "--out", tmp_path / "new2" / "s.json"]
+    cmd = ["predict", bench, "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "new" / "pred.jsonl",
+           "--max-new-tokens", "30", "--batch-size", "2", "--out", tmp_path / "new2" / "s.json"]
     run = run_cli("evaluate.py", *cmd)  # into folders not made yet
     assert run.returncode == 0, run.stderr
     preds = [json.loads(l) for l in open(tmp_path / "new" / "pred.jsonl")]
