@@ -68,12 +68,12 @@ def stage(msg, t0=[time.time()]):
     print(f"\n=== [{time.time() - t0[0]:6.0f} s] {msg}", flush=True)
 
 
-def model_json(path, scale, max_tokens, vocab_size):
+def model_json(path, scale, context, vocab_size):
     """The small Llama-style model both copies start from (the same seed gives the same initial weights)."""
     cfg = {"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 64 * scale,
            "intermediate_size": 192 * scale, "num_hidden_layers": 2 + (scale > 1) * scale,
            "num_attention_heads": 4 * scale, "num_key_value_heads": 2 * scale, "head_dim": 16,
-           "max_position_embeddings": 4 * max_tokens, "tie_word_embeddings": True}
+           "max_position_embeddings": context, "tie_word_embeddings": True}
     write_json(path, cfg)
     return path
 
@@ -106,12 +106,17 @@ def finished_run(out, steps):
     return None
 
 
+def answer_limit(words: int) -> int:
+    """New tokens an answer asking `words` may take: 4.7 per word (past 4x the asked length S_l is 0 whatever
+    it writes), then it is cut."""
+    return int(4.7 * words) + 64
+
+
 def answer(ckpt, rows, out_path, cfg):
-    """Predictions of the checkpoint for the rows (finished ones are reused). Each answer may run to 4.7
-    tokens per asked word (past 4x the asked length S_l is 0 whatever it writes), then is cut."""
+    """Predictions of the checkpoint for the rows (finished ones are reused), each cut at answer_limit."""
     dtype = torch.float32 if cfg.device == "cpu" else torch.bfloat16
     model = Transformer.from_pretrained(ckpt, dtype, cfg.device).eval()
-    return predict_local(model, load_tokenizer(ckpt), rows, out_path, [int(4.7 * r["length"]) + 64 for r in rows],
+    return predict_local(model, load_tokenizer(ckpt), rows, out_path, [answer_limit(r["length"]) for r in rows],
                          temperature=cfg.temperature, top_p=1.0, batch_size=cfg.slots, seed=cfg.seed,
                          compile=cfg.device.startswith("cuda"), model_id=agentwrite.checkpoint_identity(ckpt), log=lambda s: None)
 
@@ -210,7 +215,9 @@ def run_toy(cfg: DemoConfig):
         for path in (short, long_part):
             f.write(open(path).read())
     os.replace(mixed + ".tmp", mixed)
-    config = model_json(os.path.join(cfg.out, "model_config.json"), s, max_tokens, load_tokenizer(tok_dir).vocab_size)
+    # the context holds the longest answer asked (4x the rows was 8,192 tokens: 3,200-word answers were refused)
+    context = max(4 * max_tokens, answer_limit(max(lengths)) + 256)
+    config = model_json(os.path.join(cfg.out, "model_config.json"), s, context, load_tokenizer(tok_dir).vocab_size)
 
     ckpts = {}
     for name, data_file in (("a", short), ("b", mixed)):

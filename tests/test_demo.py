@@ -56,6 +56,16 @@ def test_the_demo_leaves_every_artifact_prints_the_same_table_twice_and_reuses_f
         assert run.returncode != 0 and "holds files but no demo run" in run.stderr and (out / "demo_config.json").exists()
 
 
+def test_the_longest_default_ask_fits_the_models_context(tmp_path):
+    """The default --eval-lengths end at 3,200 words: 15,104 new tokens, which a context of 4 x 2,048 refused, so
+    `python demo.py` (the main job) failed at stage 3 from the day the context was enforced."""
+    run = run_cli("demo.py", "--out", tmp_path, "--eval-lengths", "3200", "--prompts-per-length", "1", "--steps", "8",
+                  "--pair-instructions", "2", "--pair-samples", "2", "--dpo-steps", "1", "--short-cap", "200",
+                  "--long-cap", "400", "--slots", "4")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.load(open(tmp_path / "model_config.json"))["max_position_embeddings"] >= 15104 + 15
+
+
 def test_the_bootstrap_interval_covers_a_known_case():
     # 200 zeros and 200 hundreds: mean 50, standard error 50 / sqrt(400) = 2.5, so 95% is about 50 +- 4.9
     mean, low, high = bootstrap_ci([0] * 200 + [100] * 200)
