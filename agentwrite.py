@@ -255,6 +255,9 @@ class ChatClient:
     5xx and malformed bodies back off exponentially with jitter; other 4xx stop at once."""
 
     def __init__(self, api_base, model, api_key, timeout=600.0, max_retries=5, backoff=1.0):
+        if not api_base.startswith(("http://", "https://")):  # empty: every call failed on "Invalid URL"
+            raise ValueError(f"--api-base {api_base!r}: the URL of an OpenAI-compatible endpoint (http://host:port/v1) "
+                             f"is needed to call {model!r}")
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff = max_retries, backoff

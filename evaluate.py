@@ -505,6 +505,7 @@ def main():
             if p and any(os.path.realpath(p) == os.path.realpath(f) for f in cfg.files)]
     if same:  # e.g. `length pred.jsonl --out pred.jsonl` replaced the predictions with their scores
         sys.exit(f"error: {same[0]} is also an input file, which writing there would destroy: write to another file")
+    missing = ""  # rows left without an answer or a verdict (calls that failed): the exit status says so
     try:
         if cfg.command == "predict":
             rows = read_rows(cfg.files[0])[:cfg.limit or None]
@@ -529,7 +530,9 @@ def main():
                 ap.error("predict needs --checkpoint DIR or --api-base URL --model NAME")
             result = summary(preds)
             print(f"{len(preds)} predictions -> {output}; S_l {result['S_l']:.1f}; "
-                  f"{result.get('cut', 0)} cut at the token limit")
+                  f"{result.get('cut', 0)} cut at the token limit" if preds else f"no prediction -> {output}")
+            if len(preds) < len(rows):
+                missing = f"{len(rows) - len(preds)} of {len(rows)} rows got no answer"
         elif cfg.command == "length":
             preds = read_preds(cfg.files[0])
             result = breakdown(preds)["overall"]
@@ -544,6 +547,8 @@ def main():
             result = summary(preds, judged)
             print(table([[os.path.basename(cfg.files[0]), result["S"], result["S_l"], result["S_q"], result["judged"]]],
                         ["predictions", "S", "S_l", "S_q", "judged"]))
+            if result["judged"] < len(preds):
+                missing = f"{len(preds) - result['judged']} of {len(preds)} answers got no verdict"
         elif cfg.command == "ruler":
             preds = read_preds(cfg.files[0])
             result = {"S_l": summary(preds)["S_l"], "ruler": ruler(preds)}
@@ -557,6 +562,8 @@ def main():
         sys.exit(f"error: {e}")
     if cfg.out:
         write_json(cfg.out, result)
+    if missing:
+        sys.exit(f"error: {missing} (the failures are above); the same command again retries only them")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,17 @@ def test_predict_with_a_tiny_local_checkpoint_end_to_end(tmp_path):
     assert open(tmp_path / "new" / "pred.jsonl").read() == before
 
 
+def test_rows_left_without_an_answer_fail_the_command_and_an_empty_endpoint_is_refused(tmp_path):
+    from agentwrite import ChatClient
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"prompt": "write a 100 word essay about the sea .", "type": "T", "length": 100}) + "\n")
+    run = run_cli("evaluate.py", "predict", bench, "--model", "m", "--api-base", "http://127.0.0.1:9", "--max-retries", "0",
+                  "--output", tmp_path / "p.jsonl")  # nothing listens on port 9: it printed "S_l 0.0" and exited 0
+    assert run.returncode == 1 and "no prediction" in run.stdout and "1 of 1 rows got no answer" in run.stderr
+    with pytest.raises(ValueError, match="--api-base '': the URL of an OpenAI-compatible endpoint"):
+        ChatClient("", "m", "")  # train_dpo --sampler-model without --api-base: every call failed on "Invalid URL"
+
+
 def test_a_bad_prediction_file_names_its_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"index": 0, "prompt": "p", "length": 10, "response_length": 3}) + "\n{\"index\": 1}\n")
