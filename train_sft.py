@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dataset import add_flags, load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
+from generate import context_of
 from model import ModelConfig, Transformer, check_device, compute_dtype, read_config, save_hf, write_json
 
 
@@ -389,6 +390,10 @@ def prepare(cfg, kind="sft", write_default_data=None):
     mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
     model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype(cfg.dtype, device), cfg.checkpointing,
                         cfg.compile, load=not cfg.resume)
+    longest, ctx = int(np.diff(packed.doc_offsets).max()), context_of(model)
+    if longest > ctx:  # positions past the context were trained on without a word
+        raise ValueError(f"{cfg.data}: a conversation of {longest} tokens is longer than the model's context of {ctx} "
+                         f"(max_position_embeddings, or its rope_scaling); --max-tokens {ctx} leaves such ones out")
     freeze(model, cfg.freeze_layers)
     return rank, world, device, tokenizer, packed, model
 

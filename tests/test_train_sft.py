@@ -150,6 +150,12 @@ def test_frozen_layers_keep_their_weights_and_a_frozen_run_resumes_exactly(corpu
         run(corpus, tmp_path / "bad", batch_rows=1000)
     with pytest.raises(ValueError, match=r"nothing to train on \(no conversation fits --max-tokens 16\)"):
         run(corpus, tmp_path / "bad", max_tokens=16)
+    short_context = tmp_path / "short.json"  # rows of 512 tokens; conversations past 128 trained unseen positions
+    vocab = train_sft.load_tokenizer(corpus[1]).vocab_size
+    short_context.write_text(json.dumps({**train_sft.PRESETS["tiny"], "max_position_embeddings": 128, "vocab_size": vocab}))
+    with pytest.raises(ValueError, match=r"a conversation of \d+ tokens is longer than the model's context of 128 .*"
+                                         r"--max-tokens 128 leaves such ones out"):
+        run(corpus, tmp_path / "bad", model=str(short_context))
 
 
 def test_dtype_bfloat16_autocasts_on_cpu_too_and_the_default_there_stays_float32(corpus, tmp_path):
