@@ -180,24 +180,30 @@ def prepare_out(cfg):
     write_json(path, mine)
 
 
-def run_toy(cfg: DemoConfig):
-    check_device(cfg.device)
+def toy_lengths(cfg: DemoConfig) -> tuple[list[int], list[int]]:
+    """The asked lengths the evaluation uses and those DPO's instructions use (never the same, so the scored
+    prompts built no pair), x --scale; flags the demo cannot run with are refused here, before anything runs."""
     try:
         lengths = [int(n) * cfg.scale for n in cfg.eval_lengths.split(",")]
     except ValueError:
         lengths = []
     if not lengths or min(lengths) < 1:
         raise ValueError(f"--eval-lengths {cfg.eval_lengths!r}: numbers of words separated by commas")
-    # DPO's instructions ask lengths the evaluation never asks (so the scored prompts built no pair)
-    pair_lengths = [n * cfg.scale for n in range(300, cfg.long_cap, 200) if n * cfg.scale not in lengths]
     if cfg.steps < 1 or cfg.scale < 1:
         raise ValueError(f"--steps {cfg.steps} --scale {cfg.scale}: each at least 1")
     if not 100 <= cfg.short_cap <= cfg.long_cap - 100:
         raise ValueError(f"--short-cap {cfg.short_cap} --long-cap {cfg.long_cap}: 100 <= short cap <= long cap - 100 "
                          "((b)'s extra answers run from the short cap + 100 words to the long cap)")
+    pair_lengths = [n * cfg.scale for n in range(300, cfg.long_cap, 200) if n * cfg.scale not in lengths]
     if not pair_lengths:
         raise ValueError(f"--long-cap {cfg.long_cap} --eval-lengths {cfg.eval_lengths}: DPO's instructions ask 300, "
                          "500, ... words below the long cap that the evaluation does not ask, and none is left")
+    return lengths, pair_lengths
+
+
+def run_toy(cfg: DemoConfig):
+    check_device(cfg.device)
+    lengths, pair_lengths = toy_lengths(cfg)
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     s = cfg.scale

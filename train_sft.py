@@ -325,10 +325,11 @@ def check_out_dir(cfg, rank: int):
         if not cfg.overwrite:
             raise ValueError(f"{cfg.out} already holds checkpoints ({', '.join(step_dirs(cfg.out)) or 'latest'}): "
                              "--resume to continue that run, --overwrite to delete them and start afresh, or another --out")
-        inside = lambda p, d: os.path.commonpath([os.path.realpath(p), os.path.realpath(d)]) == os.path.realpath(d)
         for name in ("model", "tokenizer", "data"):  # --overwrite deleted the checkpoint it was to start from
-            path = getattr(cfg, name, "") or ""
-            hit = [d for d in step_dirs(cfg.out) if os.path.exists(path) and inside(path, os.path.join(cfg.out, d))]
+            path = getattr(cfg, name)
+            where = os.path.realpath(path or "") + os.sep
+            hit = [d for d in step_dirs(cfg.out)
+                   if path and where.startswith(os.path.realpath(os.path.join(cfg.out, d)) + os.sep)]
             if hit:
                 raise ValueError(f"--{name} {path} lies in {os.path.join(cfg.out, hit[0])}, which --overwrite would "
                                  "delete: train into another --out")
