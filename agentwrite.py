@@ -250,6 +250,20 @@ class AuthError(APIError):
     """401/403: every call would fail the same way, so the whole run stops."""
 
 
+def drop_reasoning(text: str) -> tuple[str, bool]:
+    """(the answer, whether a reasoning block was removed). Reasoning models served without a reasoning parser
+    (vLLM, ollama, LM Studio) put their thinking in the content: "<think>...</think>answer", or, when the chat
+    template opens the block itself, "...</think>answer". Kept, it would be counted as the answer's words,
+    trained on, and read for a judge's scores. An unclosed block is all reasoning: no answer."""
+    head = text.lstrip()
+    if head.startswith("<think>"):
+        end = head.find("</think>")
+        return ("" if end < 0 else head[end + len("</think>"):].lstrip()), True
+    if "</think>" in text and "<think>" not in text:
+        return text.split("</think>", 1)[1].lstrip(), True
+    return text, False
+
+
 class ChatClient:
     """POST /v1/chat/completions with retries: timeouts, connection errors, 429 (Retry-After honoured),
     5xx and malformed bodies back off exponentially with jitter; other 4xx stop at once."""
@@ -292,8 +306,12 @@ class ChatClient:
                     else:
                         if finish == "content_filter":
                             raise APIError("refused by the content filter")
-                        if not isinstance(text, str) or not text.strip():
-                            raise APIError("empty answer")
+                        text, thought = drop_reasoning(text if isinstance(text, str) else "")  # null: no answer
+                        thought = thought or bool(choice["message"].get("reasoning_content")
+                                                  or choice["message"].get("reasoning"))  # a server's parser split it
+                        if not text.strip():
+                            raise APIError("empty answer" + (f" after the model's reasoning (finish_reason: {finish})"
+                                                             if thought else ""))
                         return text, "length" if finish == "length" else "stop"
                 elif r.status_code == 429 or r.status_code >= 500:
                     problem = f"HTTP {r.status_code}"

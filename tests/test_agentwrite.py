@@ -123,6 +123,31 @@ def test_refusals_and_empty_answers_fail_the_item_without_poisoning_the_text(inp
     server.close()
 
 
+def test_reasoning_blocks_of_thinking_models_are_neither_planned_from_nor_written_into_the_answers(inputs, tmp_path):
+    """Qwen3 / DeepSeek-R1 served without a reasoning parser put their thinking in the content."""
+    draft = "Paragraph 1 - Main Point: a draft - Word Count: 500 words"  # a plan-shaped line in the thinking only
+    def think(call):
+        c, answer = call["content"], default_answer(call["content"])
+        if "topic 2" in c and step_of(c) == "p2":  # thinking ran past max_tokens: no answer at all
+            content, finish = "<think>\nI need thirty words. First " + "hmm " * 50, "length"
+        elif step_of(c) == "p3":  # the template opened the block: only its end is in the content
+            content, finish = "So the third part, thirty words.\n</think>\n\n" + answer, "stop"
+        else:
+            content, finish = f"<think>\nLet me think. {draft}\n</think>\n\n" + answer, "stop"
+        return 200, json.dumps({"choices": [{"message": {"content": content}, "finish_reason": finish}]}), {}, 0
+    server = ChatServer(default_answer, think)
+    counts = run(config(server, inputs, tmp_path, paragraph_attempts=1), log=quiet)
+    assert counts["done"] == 2 and counts["failed"] == 1
+    for r in map(json.loads, open(tmp_path / "out.jsonl")):
+        assert r["plan"] == [{"point": f"part {k} of it", "words": 30} for k in (1, 2, 3)]
+        assert [p.split()[0] for p in r["messages"][1]["content"].split("\n\n")] == ["p1", "p2", "p3"]
+        assert "think" not in json.dumps(r) and r["paragraph_words"] == [29, 29, 29]
+    cache = [json.loads(l) for l in open(tmp_path / "out.jsonl.cache.jsonl")]
+    assert [r["error"] for r in cache if r["kind"] == "failed"] == [
+        "empty answer after the model's reasoning (finish_reason: length)"]
+    server.close()
+
+
 def test_answers_far_shorter_than_planned_are_dropped_and_counted(inputs, tmp_path):
     short = lambda c: default_answer(c) if is_plan(c) else "too short"
     server = ChatServer(short)

@@ -186,6 +186,28 @@ def test_rows_left_without_an_answer_fail_the_command_and_an_empty_endpoint_is_r
         ChatClient("", "m", "")  # train_dpo --sampler-model without --api-base: every call failed on "Invalid URL"
 
 
+def test_predictions_of_a_thinking_model_count_only_the_answer(tmp_path):
+    """A reasoning model served without a parser: the thinking is not the response, nor its words."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": f"write {n} words about the sea .", "type": "T", "length": n}) + "\n"
+                             for n in (10, 20)))
+    def think(call):
+        if "10 words" in call["content"]:
+            message = {"content": "<think>\n" + "ten words, then, " * 40 + "\n</think>\n\n" + "wave " * 10}
+        else:  # vLLM with a reasoning parser, out of tokens before the answer began
+            message = {"content": None, "reasoning_content": "twenty words " * 40}
+        reply = {"choices": [{"message": message, "finish_reason": "length" if message["content"] is None else "stop"}]}
+        return 200, json.dumps(reply), {}, 0
+    server = ChatServer(lambda c: "", think)
+    run = run_cli("evaluate.py", "predict", bench, "--model", "m", "--api-base", server.url, "--max-retries", "0",
+                  "--output", tmp_path / "p.jsonl")
+    server.close()
+    assert run.returncode == 1 and "1 of 2 rows got no answer" in run.stderr
+    assert "empty answer after the model's reasoning (finish_reason: length)" in run.stdout + run.stderr
+    [pred] = [json.loads(l) for l in open(tmp_path / "p.jsonl")]
+    assert pred["response"] == "wave " * 10 and pred["response_length"] == 10
+
+
 def test_a_bad_prediction_file_names_its_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"index": 0, "prompt": "p", "length": 10, "response_length": 3}) + "\n{\"index\": 1}\n")
