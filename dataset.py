@@ -304,6 +304,23 @@ class DataError(ValueError):
 SKIP_HINT = " (use --skip-bad to skip such lines)"
 
 
+def check_messages(messages, name="") -> list[dict]:
+    """A list of {"role", "content"} turns, checked -> the same turns with only those two keys."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'"{name or "messages"}" must be a non-empty list')
+    where = f'"{name}" ' if name else ""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise DataError(f"{where}message {i} has no role")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{where}message {i} has unknown role {m['role']!r}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{where}message {i} ({m['role']}) has no content string")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}message {i} is an empty assistant turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def parse_sft(obj) -> list[dict]:
     """A LongWriter-6k record {"messages": [...]} or {"prompt", "response"} -> messages."""
     if not isinstance(obj, dict):
@@ -314,31 +331,44 @@ def parse_sft(obj) -> list[dict]:
                                 {"role": "assistant", "content": obj["response"]}]}
         else:
             raise DataError('needs "messages", or "prompt" and "response" strings')
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError('"messages" must be a non-empty list')
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise DataError(f"message {i} has no role")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"message {i} has unknown role {m['role']!r}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"message {i} ({m['role']}) has no content string")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise DataError(f"message {i} is an empty assistant turn")
+    messages = check_messages(obj["messages"])
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
 def parse_dpo(obj) -> tuple[list[dict], str, str]:
-    """{"prompt", "chosen", "rejected"} -> (prompt messages, chosen answer, rejected answer)."""
+    """{"prompt", "chosen", "rejected"} -> (prompt messages, chosen answer, rejected answer). Each field is a
+    string or a list of messages, as preference datasets come: TRL's conversational form, "chosen"/"rejected"
+    as [user, assistant] beside a "prompt" string (UltraFeedback), or whole conversations and no "prompt"
+    (HH-RLHF), whose turns before the answer are the prompt. Those turns must then be the prompt's."""
     if not isinstance(obj, dict):
         raise DataError("a record must be a JSON object")
-    for key in ("prompt", "chosen", "rejected"):
-        if not isinstance(obj.get(key), str) or not obj[key].strip():
-            raise DataError(f'"{key}" must be a non-empty string')
-    return [{"role": "user", "content": obj["prompt"]}], obj["chosen"], obj["rejected"]
+    sides = {}
+    for key in ("chosen", "rejected"):
+        value = obj.get(key)
+        if isinstance(value, list):
+            turns = check_messages(value, key)
+            if turns[-1]["role"] != "assistant":
+                raise DataError(f'"{key}" must end with the assistant\'s answer')
+            sides[key] = turns[:-1], turns[-1]["content"]
+        elif isinstance(value, str) and value.strip():
+            sides[key] = [], value
+        else:
+            raise DataError(f'"{key}" must be a non-empty string or a list of messages ending with the answer')
+    prompt = obj.get("prompt", sides["chosen"][0] or None)
+    if isinstance(prompt, str) and prompt.strip():
+        prompt = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        prompt = check_messages(prompt, "prompt")
+    else:
+        raise DataError('"prompt" must be a non-empty string or a list of messages')
+    if prompt[-1]["role"] != "user":
+        raise DataError('the prompt must end with a user turn')
+    for key, (turns, _) in sides.items():
+        if turns and turns != prompt:
+            raise DataError(f'the turns of "{key}" before its answer are not the prompt\'s')
+    return prompt, sides["chosen"][1], sides["rejected"][1]
 
 
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\ufeff"))  # zero-width space, non-joiner, joiner, BOM

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import sentencepiece
 import tokenizers
 
 from dataset import (TEMPLATES, DataError, Tokenizer, builtin_corpus, count_words, encode_chat, load_packed, pack,
-                     parse_sft, read_jsonl, write_builtin)
+                     parse_dpo, parse_sft, read_jsonl, write_builtin)
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Write 2 words"},
@@ -223,6 +224,32 @@ def test_dpo_pairs_pack_chosen_and_rejected_side_by_side_in_one_row(tmp_path):
     assert rejected == ["the reef ."] * 3
     assert tok.specials["<unk>"] not in packed.ids
     assert len(chosen) == 3  # the 500-word pair does not fit 40 tokens and is skipped
+
+
+def test_preference_records_as_strings_or_messages_give_the_same_pair():
+    """The shapes preference datasets come in: strings (ours), TRL's conversational form, UltraFeedback's
+    [user, assistant] beside a prompt string, and HH-RLHF's whole conversations without a "prompt"."""
+    user, good, bad = {"role": "user", "content": "write 3 words"}, "one two three.", "no."
+    said = lambda text: [{"role": "assistant", "content": text}]
+    expected = ([user], good, bad)
+    assert parse_dpo({"prompt": user["content"], "chosen": good, "rejected": bad}) == expected
+    assert parse_dpo({"prompt": [user], "chosen": said(good), "rejected": said(bad)}) == expected
+    assert parse_dpo({"prompt": user["content"], "chosen": [user] + said(good), "rejected": [user] + said(bad),
+                      "score_chosen": 9.0, "prompt_id": "x"}) == expected
+    system = {"role": "system", "content": "Be brief."}
+    assert parse_dpo({"chosen": [system, user] + said(good), "rejected": [system, user] + said(bad)}) == (
+        [system, user], good, bad)
+    for record, problem in [
+        ({"chosen": good, "rejected": bad}, '"prompt" must be a non-empty string or a list of messages'),
+        ({"prompt": "a", "chosen": [user] + said(good), "rejected": bad}, 'the turns of "chosen" before its answer are not'),
+        ({"chosen": [user] + said(good), "rejected": [system, user] + said(bad)}, 'the turns of "rejected" before'),
+        ({"prompt": "a", "chosen": [user], "rejected": bad}, '"chosen" must end with the assistant\'s answer'),
+        ({"prompt": "a", "chosen": good, "rejected": said("  ")}, '"rejected" message 0 is an empty assistant turn'),
+        ({"prompt": [user] + said(good), "chosen": good, "rejected": bad}, "the prompt must end with a user turn"),
+        ({"prompt": "a", "chosen": good, "rejected": None}, '"rejected" must be a non-empty string or a list'),
+    ]:
+        with pytest.raises(DataError, match=re.escape(problem)):
+            parse_dpo(record)
 
 
 def test_inst_pieces_are_tokenized_alone_like_the_official_pre_tokenization(bpe_dir):
