@@ -322,15 +322,20 @@ def check_messages(messages, name="") -> list[dict]:
 
 
 def parse_sft(obj) -> list[dict]:
-    """A LongWriter-6k record {"messages": [...]} or {"prompt", "response"} -> messages."""
+    """A LongWriter-6k record {"messages": [...]}, {"prompt", "response"}, or ShareGPT's {"conversations": [{"from":
+    "human"|"gpt"|"system", "value"}]} -> messages."""
     if not isinstance(obj, dict):
         raise DataError("a record must be a JSON object")
     if "messages" not in obj:
         if isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
             obj = {"messages": [{"role": "user", "content": obj["prompt"]},
                                 {"role": "assistant", "content": obj["response"]}]}
+        elif isinstance(obj.get("conversations"), list):
+            roles = {"human": "user", "gpt": "assistant", "system": "system"}
+            obj = {"messages": [{"role": roles.get(m.get("from"), m.get("from")), "content": m.get("value")}
+                                if isinstance(m, dict) else m for m in obj["conversations"]]}
         else:
-            raise DataError('needs "messages", or "prompt" and "response" strings')
+            raise DataError('needs "messages", "conversations" (ShareGPT), or "prompt" and "response" strings')
     messages = check_messages(obj["messages"])
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn")

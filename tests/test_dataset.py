@@ -226,6 +226,16 @@ def test_dpo_pairs_pack_chosen_and_rejected_side_by_side_in_one_row(tmp_path):
     assert len(chosen) == 3  # the 500-word pair does not fit 40 tokens and is skipped
 
 
+def test_sharegpt_records_read_as_the_same_messages():
+    sharegpt = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+                                   "value": m["content"]} for m in CONV], "id": "x"}
+    assert parse_sft(sharegpt) == CONV
+    with pytest.raises(DataError, match="message 1 has unknown role 'bot'"):
+        parse_sft({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]})
+    with pytest.raises(DataError, match=r'needs "messages", "conversations" \(ShareGPT\), or "prompt"'):
+        parse_sft({"text": "hi"})
+
+
 def test_preference_records_as_strings_or_messages_give_the_same_pair():
     """The shapes preference datasets come in: strings (ours), TRL's conversational form, UltraFeedback's
     [user, assistant] beside a prompt string, and HH-RLHF's whole conversations without a "prompt"."""
