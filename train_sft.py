@@ -264,7 +264,7 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, tokenizer):
                  checkpoint_id=os.path.join(tmp, "trainer"))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank0:
-        dtype = getattr(torch, cfg.export_dtype)
+        dtype = compute_dtype(cfg.export_dtype, "cpu", "--export-dtype")
         save_hf({k: v.to(dtype) for k, v in full.items()}, model.config, tmp)
         for f in tokenizer_files(tokenizer):
             shutil.copy(f, tmp)
@@ -358,6 +358,7 @@ def prepare(cfg, kind="sft", write_default_data=None):
     the others read the cache), tokenizer and the model. With no --data, write_default_data(dir, seed)
     writes the built-in data and returns (data file, tokenizer folder)."""
     rank, world, device = setup_distributed(cfg.device)
+    compute_dtype(cfg.dtype, device), compute_dtype(cfg.export_dtype, device, "--export-dtype")  # not at the first save
     per_step = cfg.micro_rows * world
     if cfg.batch_rows % per_step:
         raise ValueError(f"--batch-rows {cfg.batch_rows} is not a multiple of --micro-rows x ranks = {per_step}")

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, generate_many  # noqa: E402
-from model import ModelConfig, Transformer, read_config  # noqa: E402
+from model import DTYPES, ModelConfig, Transformer, read_config  # noqa: E402
 
 SHAPES = {
     "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -139,7 +139,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3.1-8b", choices=SHAPES)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     ap.add_argument("--prompt-len", type=int, default=1000)
     ap.add_argument("--new-tokens", type=int, default=4000)
     ap.add_argument("--contexts", type=int, nargs="*", default=[16384, 32768])

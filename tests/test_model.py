@@ -202,6 +202,20 @@ def test_a_device_that_is_not_there_is_refused_in_one_line(monkeypatch, tmp_path
     assert not (tmp_path / "run").exists() and not (tmp_path / "d").exists()
 
 
+def test_a_dtype_name_torch_lacks_is_refused_before_any_work(checkpoints, tmp_path):
+    """--dtype bf16 was an AttributeError traceback; train_sft's --export-dtype one came at the first save,
+    after the steps before it had run, and lost them."""
+    path = tmp_path / "ckpt"
+    Transformer.from_pretrained(checkpoints["llama"][0]).save_pretrained(path)
+    build_tokenizer(str(path), [" ".join(f"w{i}" for i in range(50))])
+    run = run_cli("generate.py", "--checkpoint", path, "--prompt", "hi", "--dtype", "bf16")
+    assert run.returncode == 1 and run.stderr.strip() == "error: --dtype 'bf16': choose one of float32, bfloat16, float16"
+    run = run_cli("train_sft.py", "--out", tmp_path / "run", "--export-dtype", "half", "--max-steps", "1")
+    assert run.returncode == 1 and run.stderr.strip() == ("error: --export-dtype 'half': choose one of float32, "
+                                                          "bfloat16, float16") and not (tmp_path / "run").exists()
+    assert run_cli("generate.py", "--checkpoint", path, "--prompt", "hi", "--max-new-tokens", "2").returncode == 0
+
+
 def test_bad_checkpoint_folders_raise_clear_errors(checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Transformer.from_pretrained(tmp_path / "nope")
