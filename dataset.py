@@ -165,10 +165,20 @@ class Tokenizer:
         json_file, sp_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
         self.hf = self.sp = None
         if os.path.isfile(json_file):
-            self.hf = tokenizers.Tokenizer.from_file(json_file)
+            try:
+                self.hf = tokenizers.Tokenizer.from_file(json_file)
+            except Exception as e:  # tokenizers raises a bare Exception for a file it cannot read
+                raise ValueError(f"{json_file}: not a tokenizers file ({e})") from None
             self.specials = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items()}
         elif os.path.isfile(sp_file):
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=sp_file)
+            try:
+                self.sp = sentencepiece.SentencePieceProcessor(model_file=sp_file)
+            except RuntimeError:
+                with open(sp_file, "rb") as f:  # Meta's own Llama 3 download: "base64-token rank" lines
+                    tiktoken = re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\s*", f.readline(200))
+                raise ValueError(f"{sp_file}: not a sentencepiece model" + (
+                    " but a tiktoken file (Meta's original Llama 3 format); use the Hugging Face folder's "
+                    "tokenizer.json" if tiktoken else "")) from None
             self.specials = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
                              if self.sp.is_control(i) or self.sp.is_unknown(i)}
         else:

