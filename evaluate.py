@@ -120,7 +120,7 @@ def read_rows(path, fields=("prompt", "length")) -> list[dict]:
 def read_preds(path, need_response=False) -> list[dict]:
     """A prediction file, ours or another tool's: prompt, length and response or response_length. A line
     without "index" gets its position in the file; one without "response_length" gets count_words(response)."""
-    position = iter(range(1 << 62))
+    position, seen = iter(range(1 << 62)), set()
 
     def check(row):
         if not isinstance(row, dict):
@@ -131,6 +131,9 @@ def read_preds(path, need_response=False) -> list[dict]:
         if not isinstance(row["length"], (int, float)) or row["length"] <= 0:
             raise DataError(f"field 'length' must be a positive number, not {row['length']!r}")
         row = {"index": next(position), **row}
+        if row["index"] in seen:  # counted twice in S_l, and given one verdict for both in S_q
+            raise DataError(f"a second prediction with index {row['index']} (one per benchmark row; two files joined?)")
+        seen.add(row["index"])
         if need_response or "response_length" not in row:
             if not isinstance(row.get("response"), str):
                 raise DataError("missing field 'response' (or 'response_length')")
@@ -501,6 +504,8 @@ def main():
     cfg = EvalConfig(**vars(add_flags(ap, EvalConfig, skip=("command", "files")).parse_args()))
     client = lambda model: ChatClient(cfg.api_base, model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                                       cfg.max_retries)
+    if len(cfg.files) > 1 and cfg.command != "report":  # the others read the first file and said nothing of the rest
+        ap.error(f"{cfg.command} takes one file, not {len(cfg.files)}; `report` compares several")
     same = [p for p in (cfg.output, cfg.judged, cfg.out, cfg.plot)
             if p and any(os.path.realpath(p) == os.path.realpath(f) for f in cfg.files)]
     if same:  # e.g. `length pred.jsonl --out pred.jsonl` replaced the predictions with their scores

@@ -208,6 +208,20 @@ def test_predictions_of_a_thinking_model_count_only_the_answer(tmp_path):
     assert pred["response"] == "wave " * 10 and pred["response_length"] == 10
 
 
+def test_joined_prediction_files_and_extra_files_are_refused_not_scored(tmp_path):
+    """`cat a b > all` counted every row twice (n 6 of 3) and judged both with one verdict; `length a b`
+    scored a alone without a word about b."""
+    a, b = preds_file(tmp_path / "a.jsonl", PREDS[:3]), preds_file(tmp_path / "b.jsonl", PREDS[:3])
+    (tmp_path / "all.jsonl").write_text(open(a).read() + open(b).read())
+    run = run_cli("evaluate.py", "length", tmp_path / "all.jsonl")
+    assert run.returncode == 1 and "all.jsonl:4: a second prediction with index 0" in run.stderr
+    for command in ("length", "ruler", "quality", "predict"):
+        run = run_cli("evaluate.py", command, a, b)
+        assert run.returncode == 2 and f"{command} takes one file, not 2; `report` compares several" in run.stderr
+    run = run_cli("evaluate.py", "report", a, b)
+    assert run.returncode == 0 and "a.jsonl" in run.stdout and "b.jsonl" in run.stdout
+
+
 def test_a_bad_prediction_file_names_its_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"index": 0, "prompt": "p", "length": 10, "response_length": 3}) + "\n{\"index\": 1}\n")
