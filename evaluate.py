@@ -12,6 +12,7 @@ Scoring (LongBench-Write): for required length x and produced length y (count_wo
   S_q = the mean over six judged dimensions of (mean score - 1) * 25;  S = (S_l + S_q) / 2.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -301,12 +302,37 @@ def judge_one(client, instruction, response, prompt_template=JUDGE_PROMPT, attem
     raise APIError(error)
 
 
+def answer_sha(p) -> str | None:
+    """What a verdict is of: the prompt and response it scored (None for a row without its response)."""
+    return hashlib.sha256(json.dumps([p["prompt"], p["response"]]).encode()).hexdigest()[:16] if "response" in p else None
+
+
+def read_verdicts(path, preds, judge=None, log=print) -> dict | None:
+    """index -> scores from a verdict file, only of these predictions' answers (and of this judge, when given):
+    keyed by index alone, a file judged before `predict --overwrite` or by another judge lent its scores to
+    other answers. The last matching verdict of an index counts; None when there is no file."""
+    if not os.path.exists(path):
+        return None
+    want, judged, other = {p["index"]: answer_sha(p) for p in preds}, {}, set()
+    for r in JsonlLog(path).read():
+        if "scores" in r:
+            if r.get("answer") == want.get(r["index"]) and (judge is None or r.get("judge") == judge):
+                judged[r["index"]] = r["scores"]
+            else:
+                other.add(r["index"])
+    if other - set(judged):
+        log(f"{path}: {len(other - set(judged))} verdicts are of other answers or another judge: not counted")
+    return judged
+
+
 def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=8, attempts=3, temperature=0.5,
               log=print) -> dict:
     """index -> six scores, for every prediction the judge scored. Each verdict is appended to
-    judged_path as it arrives (resumable); an unreadable verdict is asked again, then recorded as failed."""
+    judged_path as it arrives with what it is of (resumable); an unreadable verdict is asked again, then
+    recorded as failed."""
     out = JsonlLog(judged_path)
-    judged = {r["index"]: r["scores"] for r in out.read() if "scores" in r}
+    judge = f"{client.model} {hashlib.sha256(prompt_template.encode()).hexdigest()[:8]}"  # model and prompt
+    judged = read_verdicts(judged_path, preds, judge, log) or {}
     lock = threading.Lock()
 
     def one(p):
@@ -318,7 +344,7 @@ def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=
             out.append({"index": p["index"], "failed": str(e)})
             log(f"quality: prediction {p['index']} not judged: {e}")
             return
-        out.append({"index": p["index"], "scores": scores})
+        out.append({"index": p["index"], "scores": scores, "answer": answer_sha(p), "judge": judge})
         with lock:
             judged[p["index"]] = scores
     with ThreadPoolExecutor(workers) as pool:
@@ -438,7 +464,7 @@ def report(pred_paths: list[str], judged_paths: list[str] | None = None, plot: s
     for k, path in enumerate(pred_paths):
         preds = read_preds(path)
         jp = (judged_paths or [None] * len(pred_paths))[k] or path + ".judged.jsonl"
-        judged = {r["index"]: r["scores"] for r in JsonlLog(jp).read() if "scores" in r} if os.path.exists(jp) else None
+        judged = read_verdicts(jp, preds, log=log)
         results[path] = {"breakdown": breakdown(preds, judged), "points": [(p["length"], p["response_length"]) for p in preds]}
     names = dict(zip(pred_paths, short_names(pred_paths)))
     metrics = ["S", "S_l", "S_q"] if any("S_q" in r["breakdown"]["overall"] for r in results.values()) else ["S_l"]

@@ -10,7 +10,7 @@ import torch
 from chat_server import ChatServer
 from cli import run_cli
 from dataset import build_tokenizer, count_words
-from evaluate import (DIMENSIONS, JUDGE_PROMPT, ChatClient, breakdown, judge_all, judge_prompt, length_score,
+from evaluate import (DIMENSIONS, JUDGE_PROMPT, ChatClient, answer_sha, breakdown, judge_all, judge_prompt, length_score,
                       parse_judge, quality_score, read_preds, read_rows, report, ruler, summary)
 from model import ModelConfig, Transformer
 
@@ -89,10 +89,31 @@ def test_the_quality_path_against_a_scripted_judge(tmp_path):
     server.close()
 
 
+def test_verdicts_count_only_for_the_answers_and_the_judge_they_were_given_for(tmp_path):
+    """Keyed by index alone, the verdicts of answers replaced by `predict --overwrite` (or of another judge)
+    were reused for the new ones without a call: S_q of the old answers, reported for the new."""
+    server = ChatServer(lambda c: json.dumps({k: 5 if "good" in c else 1 for k in DIMENSIONS}))
+    jp, lines = str(tmp_path / "p.judged.jsonl"), []
+    client = lambda model: ChatClient(server.url, model, "", timeout=5, max_retries=0)
+    old = [{"index": 0, "prompt": "Write 10 words", "length": 10, "response": "bad " * 10, "response_length": 10}]
+    new = [{**old[0], "response": "good " * 10}]
+    assert summary(old, judge_all(client("j"), old, jp, log=lines.append))["S_q"] == 0.0
+    assert summary(new, judge_all(client("j"), new, jp, log=lines.append))["S_q"] == 100.0 and len(server.calls) == 2
+    assert lines == [f"{jp}: 1 verdicts are of other answers or another judge: not counted"]
+    judge_all(client("j"), new, jp, log=lines.append)  # resumed: nothing asked again
+    judge_all(client("j"), new, jp, prompt_template=JUDGE_PROMPT + " ", log=lines.append)  # another judge prompt
+    judge_all(client("k"), new, jp, log=lines.append)                                       # another judge model
+    assert len(server.calls) == 4
+    path = preds_file(tmp_path / "p.jsonl", new)
+    assert report([path], [jp], log=lambda s: None)["S_q"] == 100.0  # the last verdict of the answer counts
+    server.close()
+
+
 def test_report_numbers_on_a_file_with_known_scores(tmp_path):
     path = preds_file(tmp_path / "pred.jsonl", PREDS)
     (tmp_path / "pred.jsonl.judged.jsonl").write_text(
-        "".join(json.dumps({"index": i, "scores": {d: s for d in DIMENSIONS}}) + "\n" for i, s in enumerate([5, 3, 1])))
+        "".join(json.dumps({"index": i, "scores": {d: s for d in DIMENSIONS}, "answer": answer_sha(PREDS[i])}) + "\n"
+                for i, s in enumerate([5, 3, 1])))
     lines = []
     out = report([path], plot=str(tmp_path / "plot.svg"), log=lines.append)
     s_l = (100 + 50 + 100 * (1 - 1 / 3) + 0) / 4
