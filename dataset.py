@@ -556,6 +556,8 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
                 kind="sft", cache_dir=None, log=print) -> Packed:
     """Tokenize and pack a JSONL file once; later calls with the same file, tokenizer and settings read
     the memory-mapped cache. kind "sft": one unit per conversation; "dpo": chosen and rejected together."""
+    if kind not in ("sft", "dpo"):  # anything else was read as DPO pairs
+        raise ValueError(f"--kind must be sft or dpo, not {kind!r}")
     if not os.path.isfile(data):
         raise FileNotFoundError(f"{data}: data file not found")
     settings = json.dumps([kind, max_tokens, mode, truncate, skip_bad, tok.template, tok.default_system, 3])  # 3: version

@@ -322,6 +322,12 @@ def test_a_missing_tokenizer_points_to_the_flag(tmp_path):
         Tokenizer(str(tmp_path))
 
 
+def test_an_unknown_kind_is_refused_not_read_as_pairs(tmp_path):
+    data, tok_dir = write_builtin(str(tmp_path), count=2, max_words=200)
+    with pytest.raises(ValueError, match="--kind must be sft or dpo, not 'SFT'"):
+        load_packed(data, Tokenizer(tok_dir), kind="SFT", log=lambda s: None)
+
+
 def test_unreadable_tokenizer_files_are_named_and_a_tiktoken_file_is_recognized(tmp_path):
     """sentencepiece and tokenizers raised RuntimeError / a bare Exception, which no script caught."""
     from cli import run_cli
