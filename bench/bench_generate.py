@@ -153,11 +153,19 @@ def main():
     ap.add_argument("--checkpoint", default="", help="use this checkpoint folder's shape instead of --shape "
                                                      "(speed does not depend on the weights' values)")
     args = ap.parse_args()
+    for flag in ("new_tokens", "context_new_tokens", "hf_new_tokens"):  # the first 16 tokens are not timed
+        if 0 < getattr(args, flag) <= 17:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: more than 17 (the first 16 tokens are not timed)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     compile = device.type == "cuda"
     cfg = ModelConfig.from_hf(read_config(args.checkpoint)) if args.checkpoint else ModelConfig(**SHAPES[args.shape])
     if args.checkpoint:
         args.shape = os.path.basename(os.path.normpath(args.checkpoint))
+    longest = max([args.prompt_len + args.new_tokens, args.many_prompt_len + args.max_answer * bool(args.prompts)]
+                  + args.contexts)
+    if longest > cfg.max_position_embeddings:  # found only after the cases before it had run
+        ap.error(f"{longest} tokens (prompt + new tokens, or --contexts) past the {args.shape} shape's context of "
+                 f"{cfg.max_position_embeddings}; --contexts takes others (none: `--contexts` alone)")
     model = random_model(cfg, dtype, device)
     rows = [("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile),
              None)]

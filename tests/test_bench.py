@@ -76,3 +76,14 @@ def test_stop_odds_kept_under_the_penalty_equal_the_models_own(tmp_path):
     model, ruled, kept = map(float, rows[0][1:4])
     assert ruled > model + 0.02 > 0.02  # the penalty handed the stop token probability from the words it hit
     assert abs(kept - model) <= 0.01  # keep_stop_odds gives it back: the model's own odds (2 decimals printed)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--new-tokens", "16"], "--new-tokens 16: more than 17 (the first 16 tokens are not timed)"),
+    (["--contexts", "100000"], "100000 tokens (prompt + new tokens, or --contexts) past the tiny shape's context"),
+])
+def test_bench_generate_refuses_settings_it_would_fail_on_after_measuring(flags, message):
+    """An IndexError at the end of the first case, or a traceback after the cases before it had run."""
+    out = subprocess.run([sys.executable, "bench/bench_generate.py", "--shape", "tiny", "--device", "cpu", *flags],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
