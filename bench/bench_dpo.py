@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_train import SHAPES, timed  # noqa: E402
-from model import ModelConfig  # noqa: E402
+from model import ModelConfig, check_device  # noqa: E402
 from train_dpo import DPOConfig, dpo_step  # noqa: E402
 from train_sft import build_model, sft_loss  # noqa: E402
 
@@ -70,6 +70,10 @@ def main():
     ap.add_argument("--answer-tokens", type=int, default=8192)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     args = ap.parse_args()
+    try:  # the GPU default on a machine without one: one line, not CUDA's assertion
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     device = torch.device(args.device)
     mcfg = ModelConfig(**SHAPES[args.shape])
     row = pair_row(args.answer_tokens, args.prompt_tokens, mcfg.vocab_size)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, generate_many  # noqa: E402
-from model import DTYPES, ModelConfig, Transformer, read_config  # noqa: E402
+from model import DTYPES, ModelConfig, Transformer, check_device, read_config  # noqa: E402
 
 SHAPES = {
     "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -153,6 +153,10 @@ def main():
     ap.add_argument("--checkpoint", default="", help="use this checkpoint folder's shape instead of --shape "
                                                      "(speed does not depend on the weights' values)")
     args = ap.parse_args()
+    try:  # the GPU default on a machine without one: one line, not CUDA's assertion
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     for flag in ("new_tokens", "context_new_tokens", "hf_new_tokens"):  # the first 16 tokens are not timed
         if 0 < getattr(args, flag) <= 17:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: more than 17 (the first 16 tokens are not timed)")

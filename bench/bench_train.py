@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelConfig, read_config  # noqa: E402
+from model import ModelConfig, check_device, read_config  # noqa: E402
 from train_sft import build_model, flops_per_token, micro_batch_loss  # noqa: E402
 
 SHAPES = {
@@ -110,6 +110,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per setting")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per setting (the median is shown)")
     args = ap.parse_args()
+    try:  # the GPU default on a machine without one: one line, not CUDA's assertion
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     global WARMUP, REPS
     WARMUP, REPS = args.warmup, args.reps
     device = torch.device(args.device)

@@ -87,3 +87,11 @@ def test_bench_generate_refuses_settings_it_would_fail_on_after_measuring(flags,
     out = subprocess.run([sys.executable, "bench/bench_generate.py", "--shape", "tiny", "--device", "cpu", *flags],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is here: the default device works")
+@pytest.mark.parametrize("script", ["bench/bench_train.py", "bench/bench_dpo.py", "bench/bench_generate.py"])
+def test_the_gpu_default_without_cuda_is_one_line_not_an_assertion(script):
+    out = subprocess.run([sys.executable, script, "--shape", "tiny"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--device cuda: CUDA is not available here" in out.stderr
+    assert "Traceback" not in out.stderr
