@@ -356,7 +356,7 @@ def parse_dpo(obj) -> tuple[list[dict], str, str]:
     """{"prompt", "chosen", "rejected"} -> (prompt messages, chosen answer, rejected answer). Each field is a
     string or a list of messages, as preference datasets come: TRL's conversational form, "chosen"/"rejected"
     as [user, assistant] beside a "prompt" string (UltraFeedback), or whole conversations and no "prompt"
-    (HH-RLHF), whose turns before the answer are the prompt. Those turns must then be the prompt's."""
+    (TRL's implicit prompt), whose turns before the answer are the prompt. Those turns must then be the prompt's."""
     if not isinstance(obj, dict):
         raise DataError("a record must be a JSON object")
     sides = {}
@@ -371,7 +371,7 @@ def parse_dpo(obj) -> tuple[list[dict], str, str]:
             sides[key] = [], value
         else:
             raise DataError(f'"{key}" must be a non-empty string or a list of messages ending with the answer')
-    prompt = obj.get("prompt", sides["chosen"][0] or None)
+    prompt = obj.get("prompt", sides["chosen"][0] or None)  # no "prompt": the turns before the chosen answer
     if isinstance(prompt, str) and prompt.strip():
         prompt = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list):

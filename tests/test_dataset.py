@@ -238,7 +238,7 @@ def test_sharegpt_records_read_as_the_same_messages():
 
 def test_preference_records_as_strings_or_messages_give_the_same_pair():
     """The shapes preference datasets come in: strings (ours), TRL's conversational form, UltraFeedback's
-    [user, assistant] beside a prompt string, and HH-RLHF's whole conversations without a "prompt"."""
+    [user, assistant] beside a prompt string, and whole conversations without a "prompt" (TRL's implicit prompt)."""
     user, good, bad = {"role": "user", "content": "write 3 words"}, "one two three.", "no."
     said = lambda text: [{"role": "assistant", "content": text}]
     expected = ([user], good, bad)
