@@ -276,6 +276,7 @@ class ChatClient:
         self.model, self.key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff = max_retries, backoff
         self.session = requests.Session()
+        self.cap = "max_tokens"  # newer OpenAI models (o-series, gpt-5) take it as "max_completion_tokens" only
 
     def redact(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
@@ -287,13 +288,17 @@ class ChatClient:
         """(text, finish_reason): "length" when the answer was cut at max_tokens (0: the server's own limit)."""
         body = {"model": self.model, "messages": messages, "temperature": temperature}
         if max_tokens > 0:
-            body["max_tokens"] = max_tokens
+            body[self.cap] = max_tokens
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         problem = ""
         for attempt in range(self.max_retries + 1):
             wait = self.backoff * 2 ** attempt * random.uniform(0.5, 1.0)
             try:
                 r = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
+                if r.status_code == 400 and "max_tokens" in body and "max_completion_tokens" in r.text:
+                    self.cap = "max_completion_tokens"  # the same cap under its new name, from now on
+                    body["max_completion_tokens"] = body.pop("max_tokens")
+                    r = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
             except (requests.Timeout, requests.ConnectionError) as e:
                 problem = f"{type(e).__name__} calling {self.url}"
             else:

@@ -81,6 +81,20 @@ def test_429_500_timeouts_and_malformed_bodies_are_survived(inputs, tmp_path):
     server.close()
 
 
+def test_models_that_take_max_completion_tokens_only_get_it_after_one_refusal(inputs, tmp_path):
+    """OpenAI's o-series and gpt-5 models answer a "max_tokens" with HTTP 400: every item failed."""
+    error = {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                                  "'max_completion_tokens' instead.", "type": "invalid_request_error",
+                       "param": "max_tokens", "code": "unsupported_parameter"}}
+    server = ChatServer(default_answer, lambda call: (400, json.dumps(error), {}, 0) if "max_tokens" in call["body"] else None)
+    counts = run(config(server, inputs, tmp_path, workers=1, max_retries=0), log=quiet)
+    assert counts["done"] == 3 and counts["failed"] == 0
+    bodies = [c["body"] for c in server.calls]
+    assert len(bodies) == 12 + 1 and "max_tokens" in bodies[0]  # refused once, then asked under the new name
+    assert all(b["max_completion_tokens"] > 0 and "max_tokens" not in b for b in bodies[1:])
+    server.close()
+
+
 def test_401_stops_the_run_with_a_clear_message(inputs, tmp_path):
     server = ChatServer(default_answer, lambda call: (401, '{"error": "invalid api key"}', {}, 0))
     out = subprocess.run([sys.executable, "agentwrite.py", "--input", str(inputs), "--output", str(tmp_path / "o.jsonl"),
