@@ -177,6 +177,9 @@ def resume_predictions(out_path, settings: list[dict], rows: list[dict], overwri
     hint = "; rerun with the same ones, write to another --output, or --overwrite to start it afresh"
     for p in JsonlLog(out_path).read():
         i = p.get("index")
+        if isinstance(i, int) and i >= len(settings):  # the settings of no row here: say why instead
+            raise ValueError(f"{out_path}: row {i} is past the {len(settings)} rows asked now (a smaller --limit, or "
+                             f"a shorter benchmark file){hint}")
         want = settings[i] if isinstance(i, int) and 0 <= i < len(settings) else None
         if want is None or p.get("generation") != want:
             diff = settings_diff(p.get("generation") or {}, want or {})

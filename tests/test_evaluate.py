@@ -380,6 +380,8 @@ def test_predict_never_reuses_answers_of_another_checkpoint_or_setting(tmp_path)
     moved = run_cli("evaluate.py", "predict", shifted, "--checkpoint", tmp_path / "base", "--output", pred,
                     "--max-new-tokens", "12", "--batch-size", "2")
     assert moved.returncode != 0 and "row 1 answers another request" in moved.stderr and "prompt" in moved.stderr
+    fewer = predict("base", "--limit", "2")  # row 2 answered, but asked no more: said so, not "other settings"
+    assert fewer.returncode != 0 and "row 2 is past the 2 rows asked now (a smaller --limit" in fewer.stderr
     fresh = predict("sft", "--overwrite", "--limit", "2")
     assert fresh.returncode == 0 and "2 predictions" in fresh.stdout
     assert {json.loads(l)["generation"]["model"] for l in open(pred)} == {"sft"}
