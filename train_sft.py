@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import add_flags, load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
+from dataset import add_flags, file_digest, load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
 from generate import context_of
 from model import ModelConfig, Transformer, check_device, compute_dtype, read_config, save_hf, write_json
 
@@ -268,7 +268,8 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, tokenizer):
         save_hf({k: v.to(dtype) for k, v in full.items()}, model.config, tmp)
         for f in tokenizer_files(tokenizer):
             shutil.copy(f, tmp)
-        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "config": asdict(cfg)})
+        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "config": asdict(cfg),
+                                                             "data_sha": file_digest(cfg.data)[:16]})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -313,9 +314,12 @@ def check_out_dir(cfg, rank: int):
         if not os.path.isfile(latest):
             raise ValueError(f"--resume: {cfg.out} has no checkpoint to resume from (no {latest})")
         path = os.path.join(cfg.out, open(latest).read().strip())
-        saved = read_json(os.path.join(path, "trainer_state.json")).get("config", {})
+        state = read_json(os.path.join(path, "trainer_state.json"))
+        saved = state.get("config", {})
         changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in RUN_DEFINING
                    if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)]
+        if state.get("data_sha") not in (None, file_digest(cfg.data)[:16]):  # e.g. AgentWrite added answers
+            changed.append(f"the contents of {cfg.data} (not those it was trained on)")
         if changed:
             raise ValueError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}). They define "
                              "the schedule, the batches or the data, so the result would be neither run; put them "

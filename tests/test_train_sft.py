@@ -282,6 +282,20 @@ def test_stop_at_keeps_the_schedule_and_resume_refuses_changed_settings(corpus, 
     assert run(corpus, tmp_path / "cut", max_steps=6, resume=True, log_every=2) == straight[3:]  # bit for bit
 
 
+def test_resume_refuses_a_data_file_whose_contents_changed(corpus, tmp_path):
+    """Same path, other records (AgentWrite appended some): the resumed batches would be neither run's."""
+    data, tok = corpus
+    mine = tmp_path / "data.jsonl"
+    shutil.copy(data, mine)
+    run((str(mine), tok), tmp_path / "run", max_steps=4, stop_at=2)
+    original = mine.read_text()
+    mine.write_text(original + original.splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"other settings \(the contents of .*data.jsonl \(not those it was trained on"):
+        run((str(mine), tok), tmp_path / "run", max_steps=4, resume=True)
+    mine.write_text(original)
+    assert len(run((str(mine), tok), tmp_path / "run", max_steps=4, resume=True)) == 2
+
+
 def torchrun(args, tmp_path, name):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port())] + args + ["--out", str(tmp_path / name)]
