@@ -591,10 +591,12 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             steps = skeleton_plan(instruction, words, cfg.section_words)
             text, problem = plan_text(steps), ""
         else:
-            text = client.chat([{"role": "user", "content": fill(cfg.plan_template, instruction=instruction)}],
-                               max_tokens=cfg.plan_tokens, temperature=cfg.temperature)
+            text, finish = client.complete([{"role": "user", "content": fill(cfg.plan_template, instruction=instruction)}],
+                                           max_tokens=cfg.plan_tokens, temperature=cfg.temperature)
             steps = parse_plan(text)
             problem = f"{len(steps)} parseable steps (1 to {MAX_STEPS} needed)"
+            if finish == "length":  # its last steps (the ending) missing: an answer short of the asked length
+                steps, problem = [], f"cut at --plan-tokens {cfg.plan_tokens} after {len(steps)} parseable steps"
         if not steps or len(steps) > MAX_STEPS:
             done["plan_problem"] = problem
             cache.append({"key": key, "kind": "plan_rejected", "reason": problem, "text": text})

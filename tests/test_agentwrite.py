@@ -95,6 +95,26 @@ def test_models_that_take_max_completion_tokens_only_get_it_after_one_refusal(in
     server.close()
 
 
+def test_a_plan_cut_at_its_token_limit_is_asked_again_not_written_short(inputs, tmp_path):
+    """A cut plan parses: its first steps, without the last ones, made an answer short of the asked length."""
+    asked = []
+    def cut(call):
+        c = call["content"]
+        asked.append(instruction_of(c)) if is_plan(c) else None
+        if is_plan(c) and ("topic 0" in c and asked.count(instruction_of(c)) == 1 or "topic 1" in c):  # once; always
+            reply = {"choices": [{"message": {"content": default_answer(c).rsplit("\n\n", 1)[0]}, "finish_reason": "length"}]}
+            return 200, json.dumps(reply), {}, 0
+    server = ChatServer(default_answer, cut)
+    counts = run(config(server, inputs, tmp_path, workers=1, plan_attempts=2), log=quiet)
+    assert counts["done"] == 2 and counts["failed"] == 1
+    assert all(len(json.loads(l)["plan"]) == 3 for l in open(tmp_path / "out.jsonl"))
+    cache = [json.loads(l) for l in open(tmp_path / "out.jsonl.cache.jsonl")]
+    assert [r["error"] for r in cache if r["kind"] == "failed"] == [
+        "plan rejected 2 times; the last one: cut at --plan-tokens 2048 after 2 parseable steps (the plans are kept "
+        "in the cache file)"]
+    server.close()
+
+
 def test_401_stops_the_run_with_a_clear_message(inputs, tmp_path):
     server = ChatServer(default_answer, lambda call: (401, '{"error": "invalid api key"}', {}, 0))
     out = subprocess.run([sys.executable, "agentwrite.py", "--input", str(inputs), "--output", str(tmp_path / "o.jsonl"),
