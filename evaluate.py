@@ -535,6 +535,8 @@ def main():
                                       cfg.max_retries)
     if len(cfg.files) > 1 and cfg.command != "report":  # the others read the first file and said nothing of the rest
         ap.error(f"{cfg.command} takes one file, not {len(cfg.files)}; `report` compares several")
+    if len(cfg.files) > 1 and cfg.judged:  # whose verdicts? (an IndexError for the second file)
+        ap.error("--judged names the verdicts of one prediction file; with several, each file's PRED.judged.jsonl is read")
     same = [p for p in (cfg.output, cfg.judged, cfg.out, cfg.plot)
             if p and any(os.path.realpath(p) == os.path.realpath(f) for f in cfg.files)]
     if same:  # e.g. `length pred.jsonl --out pred.jsonl` replaced the predictions with their scores

@@ -241,6 +241,8 @@ def test_joined_prediction_files_and_extra_files_are_refused_not_scored(tmp_path
         assert run.returncode == 2 and f"{command} takes one file, not 2; `report` compares several" in run.stderr
     run = run_cli("evaluate.py", "report", a, b)
     assert run.returncode == 0 and "a.jsonl" in run.stdout and "b.jsonl" in run.stdout
+    run = run_cli("evaluate.py", "report", a, b, "--judged", tmp_path / "j.jsonl")  # was an IndexError
+    assert run.returncode == 2 and "--judged names the verdicts of one prediction file" in run.stderr
 
 
 def test_a_bad_prediction_file_names_its_line(tmp_path):
