@@ -98,10 +98,11 @@ def parse_judge(text: str) -> dict | None:
     return None
 
 
-def quality_score(scores: list[dict]) -> float:
-    """S_q: each dimension's mean m maps to (m - 1) * 25; the mean of the six."""
+def quality_score(scores: list[dict]) -> float | None:
+    """S_q: each dimension's mean m maps to (m - 1) * 25; the mean of the six. None with no verdict (null in
+    the JSON written: NaN is not JSON, and other tools refuse the file)."""
     if not scores:
-        return float("nan")
+        return None
     return sum((sum(s[d] for s in scores) / len(scores) - 1) * 25 for d in DIMENSIONS) / len(DIMENSIONS)
 
 
@@ -151,12 +152,12 @@ def summary(preds: list[dict], judged: dict | None = None) -> dict:
     if judged is not None:
         scores = [judged[p["index"]] for p in preds if p["index"] in judged]
         out["S_q"], out["judged"] = quality_score(scores), len(scores)
-        out["S"] = (out["S_l"] + out["S_q"]) / 2
+        out["S"] = None if out["S_q"] is None else (out["S_l"] + out["S_q"]) / 2
     return out
 
 
 def table(rows: list[list], header: list[str]) -> str:
-    cells = [header] + [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    cells = [header] + [[f"{c:.1f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
     return "\n".join([line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells[1:]])
@@ -476,13 +477,13 @@ def report(pred_paths: list[str], judged_paths: list[str] | None = None, plot: s
         for path, r in results.items():
             cell = r["breakdown"]["overall"] if col == "overall" else r["breakdown"]["length"].get(col)
             if cell:  # cut: answers that hit the token limit ("?" when the file does not say)
-                rows.append([col, names[path], cell["n"], cell.get("cut", "?")] + [cell.get(m, float("nan")) for m in metrics])
+                rows.append([col, names[path], cell["n"], cell.get("cut", "?")] + [cell.get(m) for m in metrics])
     log(table(rows, ["required length", "predictions", "n", "cut"] + metrics))
     for path, r in results.items():
         for key in ("type", "language"):
             group = r["breakdown"][key]
             log(f"\n{names[path]} by {key}")
-            log(table([[name, g["n"]] + [g.get(m, float("nan")) for m in metrics] for name, g in group.items()],
+            log(table([[name, g["n"]] + [g.get(m) for m in metrics] for name, g in group.items()],
                       [key, "n"] + metrics))
     if plot:
         scatter_svg({names[p]: r["points"] for p, r in results.items()}, plot)

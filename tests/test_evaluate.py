@@ -109,6 +109,18 @@ def test_verdicts_count_only_for_the_answers_and_the_judge_they_were_given_for(t
     server.close()
 
 
+def test_scores_with_no_verdict_are_null_in_strict_json_not_nan(tmp_path):
+    path = preds_file(tmp_path / "p.jsonl", PREDS[:2])
+    (tmp_path / "p.jsonl.judged.jsonl").write_text(json.dumps({"index": 0, "failed": "no parseable scores"}) + "\n")
+    run = run_cli("evaluate.py", "report", path, "--out", tmp_path / "r.json")
+    row = next(l for l in run.stdout.splitlines() if l.startswith("| overall"))
+    assert run.returncode == 0 and [c.strip() for c in row.strip("|").split("|")][2:] == ["2", "?", "-", "75.0", "-"]
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    out = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert out["S_q"] is None and out["S"] is None and out["S_l"] == pytest.approx(75.0)
+
+
 def test_report_numbers_on_a_file_with_known_scores(tmp_path):
     path = preds_file(tmp_path / "pred.jsonl", PREDS)
     (tmp_path / "pred.jsonl.judged.jsonl").write_text(
