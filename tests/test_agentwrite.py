@@ -100,7 +100,8 @@ def test_a_plan_cut_at_its_token_limit_is_asked_again_not_written_short(inputs, 
     asked = []
     def cut(call):
         c = call["content"]
-        asked.append(instruction_of(c)) if is_plan(c) else None
+        if is_plan(c):
+            asked.append(instruction_of(c))
         if is_plan(c) and ("topic 0" in c and asked.count(instruction_of(c)) == 1 or "topic 1" in c):  # once; always
             reply = {"choices": [{"message": {"content": default_answer(c).rsplit("\n\n", 1)[0]}, "finish_reason": "length"}]}
             return 200, json.dumps(reply), {}, 0
