@@ -394,6 +394,9 @@ def prepare(cfg, kind="sft", write_default_data=None):
         raise ValueError(f"{cfg.data}: {len(packed)} packed rows, fewer than one batch of {cfg.batch_rows} "
                          f"(--batch-rows {len(packed)} or fewer, or more data)")
     mcfg, weights = model_config(cfg.model, tokenizer.vocab_size)
+    if int(packed.ids.max()) >= mcfg.vocab_size:  # an IndexError deep in the embedding otherwise
+        raise ValueError(f"token id {int(packed.ids.max())} of the data is past the model's vocabulary of "
+                         f"{mcfg.vocab_size}: the tokenizer ({tokenizer.path}) is not {cfg.model}'s (--tokenizer)")
     model = build_model(mcfg, weights, cfg.seed, world, device, compute_dtype(cfg.dtype, device), cfg.checkpointing,
                         cfg.compile, load=not cfg.resume)
     longest, ctx = int(np.diff(packed.doc_offsets).max()), context_of(model)

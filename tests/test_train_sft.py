@@ -296,6 +296,15 @@ def test_resume_refuses_a_data_file_whose_contents_changed(corpus, tmp_path):
     assert len(run((str(mine), tok), tmp_path / "run", max_steps=4, resume=True)) == 2
 
 
+def test_a_tokenizer_of_another_model_is_refused_before_training(corpus, tmp_path):
+    """Ids past the model's vocabulary were an IndexError deep in the embedding (SmolLM2 with Llama 3's tokenizer)."""
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16).to_hf()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"token id \d+ of the data is past the model's vocabulary of 50: the tokenizer"):
+        run(corpus, tmp_path / "run", model=str(tmp_path / "config.json"))
+
+
 def torchrun(args, tmp_path, name):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port())] + args + ["--out", str(tmp_path / name)]
