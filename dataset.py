@@ -197,6 +197,10 @@ class Tokenizer:
         self.template = template or detect_template(self.chat_template, self.specials)
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown chat template {self.template!r}; choose from {', '.join(TEMPLATES)}")
+        end = END_OF_TURN.get(self.template, self.eos)  # what an answer ends with: the stop the model learns
+        if end not in self.specials:  # written as plain text, a trained model would never stop
+            raise ValueError(f"chat template {self.template!r} ends a turn with {end or 'an eos token'!r}, which is not a "
+                             f"special token of {path}'s tokenizer (--template names another model's format?)")
         self.default_system = default_system(self.template, self.chat_template)
         by_length = sorted(self.specials, key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None

