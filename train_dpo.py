@@ -274,6 +274,8 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     sample and verdict is appended to PAIRS_OUT.samples.jsonl as it arrives, so a rerun redoes only what is
     missing. Sampling runs in-process with --model (continuous batching) unless a sampler (an endpoint,
     --sampler-model) is given; then --workers calls run at once."""
+    if cfg.samples < 2:  # sampled all the same, then "no clear preference" for every instruction
+        raise ValueError(f"--samples {cfg.samples}: a pair needs at least 2 answers to an instruction")
     records, _ = read_jsonl(cfg.build_pairs, parse_pair_instruction)
     if os.path.realpath(cfg.pairs_out) == os.path.realpath(cfg.build_pairs):
         raise ValueError(f"--pairs-out {cfg.pairs_out}: the --build-pairs file, which writing there would destroy: "

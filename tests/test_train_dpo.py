@@ -120,6 +120,10 @@ def test_an_instruction_without_a_length_is_named(tmp_path):
             build_pairs(DPOConfig(build_pairs=str(inputs), pairs_out=str(inputs), overwrite=overwrite),
                         sampler=Scripted([1]), log=lambda s: None)
     assert json.loads(inputs.read_text())["length"] == 100
+    with pytest.raises(ValueError, match="--samples 1: a pair needs at least 2 answers"):  # sampled, then no pair
+        build_pairs(DPOConfig(build_pairs=str(inputs), pairs_out=str(tmp_path / "p.jsonl"), samples=1),
+                    sampler=Scripted([1]), log=lambda s: None)
+    assert not (tmp_path / "p.jsonl.samples.jsonl").exists()
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
