@@ -687,8 +687,11 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         raise ValueError(f"--plan must be model or skeleton, not {cfg.plan!r}")
     if cfg.section_words < 1:
         raise ValueError("--section-words must be positive")
-    if cfg.paragraph_attempts < 1:
-        raise ValueError(f"--paragraph-attempts {cfg.paragraph_attempts}: at least 1")
+    for flag, value in (("--paragraph-attempts", cfg.paragraph_attempts), ("--plan-attempts", cfg.plan_attempts)):
+        if value < 1:  # --plan-attempts 0 failed every item, "plan rejected 0 times"
+            raise ValueError(f"{flag} {value}: at least 1")
+    if not 0 <= cfg.min_ratio < cfg.max_ratio:  # else every answer is written, then dropped
+        raise ValueError(f"--min-ratio {cfg.min_ratio:g} and --max-ratio {cfg.max_ratio:g}: 0 <= min < max")
     if not 0 < cfg.top_p <= 1:
         raise ValueError(f"--top-p {cfg.top_p:g}: a probability mass in (0, 1]")
     if cfg.section_limit < 0:

@@ -786,6 +786,13 @@ def test_a_paragraph_with_no_complete_sentence_is_asked_again_before_the_item_fa
     assert any("tides: failed: paragraph 1 has no complete sentence, 3 times" in l for l in lines)
     with pytest.raises(ValueError, match="--paragraph-attempts 0"):
         run(cfg("o3.jsonl", paragraph_attempts=0), client=writer, log=quiet)
+    # flags under which every item would fail or be dropped, after writing it: refused before any call
+    for flags, message in ((dict(plan_attempts=0), "--plan-attempts 0: at least 1"),
+                           (dict(min_ratio=2.0, max_ratio=1.0), "--min-ratio 2 and --max-ratio 1: 0 <= min < max")):
+        calls = len(writer.calls)
+        with pytest.raises(ValueError, match=message):
+            run(cfg("o4.jsonl", **flags), client=writer, log=quiet)
+        assert len(writer.calls) == calls
 
 
 class ChattyWriter(SectionWriter):
