@@ -536,6 +536,9 @@ def main():
                                       cfg.max_retries)
     if len(cfg.files) > 1 and cfg.command != "report":  # the others read the first file and said nothing of the rest
         ap.error(f"{cfg.command} takes one file, not {len(cfg.files)}; `report` compares several")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--workers", cfg.workers)):
+        if value < 1:  # --batch-size 0 answered no row and blamed "the failures above"
+            ap.error(f"{flag} {value}: at least 1")
     if len(cfg.files) > 1 and cfg.judged:  # whose verdicts? (an IndexError for the second file)
         ap.error("--judged names the verdicts of one prediction file; with several, each file's PRED.judged.jsonl is read")
     same = [p for p in (cfg.output, cfg.judged, cfg.out, cfg.plot)

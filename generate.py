@@ -417,6 +417,8 @@ def generate_many(model, prompts: list[list[int]], max_new_tokens, stop_ids=(), 
     """Continuous batching over a list of prompts: yields (index, new tokens) in the order answers end.
     max_new_tokens and stop_ids are one value for all or one per prompt. Every prompt is checked against the
     row length and the window before decoding starts."""
+    if slots < 1:  # no row to decode in: every prompt would go unanswered without a word
+        raise ValueError(f"{slots} slots: at least 1 row must decode at a time")
     n = len(prompts)
     max_new = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
     per_prompt_stops = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple, set))

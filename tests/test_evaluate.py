@@ -253,6 +253,9 @@ def test_joined_prediction_files_and_extra_files_are_refused_not_scored(tmp_path
         assert run.returncode == 2 and f"{command} takes one file, not 2; `report` compares several" in run.stderr
     run = run_cli("evaluate.py", "report", a, b)
     assert run.returncode == 0 and "a.jsonl" in run.stdout and "b.jsonl" in run.stdout
+    for flag in ("--batch-size", "--workers"):
+        run = run_cli("evaluate.py", "predict", a, "--model", "m", flag, "0")
+        assert run.returncode == 2 and f"{flag} 0: at least 1" in run.stderr
     run = run_cli("evaluate.py", "report", a, b, "--judged", tmp_path / "j.jsonl")  # was an IndexError
     assert run.returncode == 2 and "--judged names the verdicts of one prediction file" in run.stderr
 

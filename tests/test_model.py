@@ -428,6 +428,8 @@ def test_continuous_sampling_is_reproducible_for_the_same_seed_and_slots(checkpo
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     run = lambda seed: dict(generate_many(model, prompts, 20, slots=2, temperature=1.0, seed=seed))
     assert run(0) == run(0) and run(0) != run(1)
+    with pytest.raises(ValueError, match="0 slots: at least 1 row"):  # was: no answer and no word (--batch-size 0)
+        dict(generate_many(model, prompts, 20, slots=0))
 
 
 def test_the_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_tokens_only():
