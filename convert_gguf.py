@@ -69,19 +69,23 @@ def read_gguf(path):
     r = Reader(memoryview(raw))
     if bytes(raw[:4]) != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
-    r.pos = 4
-    version, n_tensors, n_kv = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
-    if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-    meta = {}
-    for _ in range(n_kv):
-        key = r.string()
-        meta[key] = r.value(r.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name, n_dims = r.string(), r.scalar("<I")
-        dims = [r.scalar("<Q") for _ in range(n_dims)]
-        infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
+    truncated = ValueError(f"{path}: a truncated GGUF file ({len(raw):,} bytes; a download cut short?)")
+    try:
+        r.pos = 4
+        version, n_tensors, n_kv = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        meta = {}
+        for _ in range(n_kv):
+            key = r.string()
+            meta[key] = r.value(r.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = r.string(), r.scalar("<I")
+            dims = [r.scalar("<Q") for _ in range(n_dims)]
+            infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
+    except struct.error:  # the header runs past the end of the file
+        raise truncated from None
     align = meta.get("general.alignment", 32)
     start = -(-r.pos // align) * align  # the tensor data begins at the next multiple of the alignment
     tensors = {}
@@ -90,8 +94,11 @@ def read_gguf(path):
             raise ValueError(f"{path}: tensor {name} has ggml type {kind}, which this converter does not read "
                              f"(it reads {', '.join(t[0] for t in GGML_TYPES.values())})")
         _, block, nbytes = GGML_TYPES[kind]
-        count = int(np.prod(dims))
-        tensors[name] = (kind, tuple(reversed(dims)), raw[start + offset:start + offset + count // block * nbytes])
+        begin = start + offset
+        end = begin + int(np.prod(dims)) // block * nbytes
+        if end > len(raw):
+            raise truncated
+        tensors[name] = (kind, tuple(reversed(dims)), raw[begin:end])
     return meta, tensors
 
 

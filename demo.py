@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import agentwrite
-from convert_gguf import convert, smollm2_gguf
+from convert_gguf import convert, model_config, read_gguf, smollm2_gguf
 from dataset import (TOKENS_PER_WORD, TOPICS, WORDINGS, add_flags, chat_prompt_ids, load_tokenizer, read_jsonl,
                      write_builtin)
 from evaluate import length_score, predict_local, read_rows, scatter_svg, table
@@ -469,8 +469,13 @@ def run_real(cfg: RealConfig, writer=None):
     it on them, measure again. A 135M model cannot plan, so AgentWrite lays out the sections itself (--plan
     skeleton) and asks for one ~350-word section at a time, which is about what the model writes when asked.
     writer: an AgentWrite client to write with instead of the base checkpoint (the tests' scripted one)."""
-    if cfg.samples < 1:
-        sys.exit(f"error: --samples {cfg.samples}: each request needs at least 1 answer")
+    for flag, value, need in (("--samples", cfg.samples, "each request needs at least 1 answer"),
+                              ("--slots", cfg.slots, "at least 1 row decodes at a time"),
+                              ("--limit-factor", cfg.limit_factor, "a positive multiple of the asked words"),
+                              ("--section-words", cfg.section_words, "at least 1"),
+                              ("--sft-epochs", cfg.sft_epochs, "at least 1")):
+        if value <= 0:  # found by the stage that uses it, an hour of answers later
+            sys.exit(f"error: {flag} {value:g}: {need}")
     check_device(cfg.device)
     base = os.path.join(cfg.out, "base")
     gguf = None if os.path.isfile(os.path.join(base, "model.safetensors")) else cfg.gguf or smollm2_gguf()
@@ -480,6 +485,9 @@ def run_real(cfg: RealConfig, writer=None):
     if not rows:
         raise ValueError(f"{cfg.bench_dir}: no English request asks {cfg.eval_min}-{cfg.eval_max} words "
                          "(--eval-min, --eval-max)")
+    blocks = model_config(*read_gguf(gguf)).num_hidden_layers if gguf else read_config(base)["num_hidden_layers"]
+    if not 0 <= cfg.freeze_layers <= blocks:  # else SFT refuses it after the base model's answers
+        raise ValueError(f"--freeze-layers {cfg.freeze_layers}: the model has {blocks} blocks")
     prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     stage("1. the model: GGUF -> Hugging Face folder")

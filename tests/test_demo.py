@@ -147,6 +147,11 @@ def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_pai
     assert "paired over the same requests the gain is 25.0 [" in text
     with pytest.raises(SystemExit, match="--samples 0: each request needs at least 1 answer"):
         run_real(RealConfig(samples=0, out="/nonexistent/never-made"))  # refused before anything is written
+    for flags, message in ((dict(slots=0), "--slots 0: at least 1 row"), (dict(sft_epochs=0), "--sft-epochs 0"),
+                           (dict(limit_factor=0.0), "--limit-factor 0: a positive multiple"),
+                           (dict(section_words=0), "--section-words 0")):  # each failed an hour later, at its stage
+        with pytest.raises(SystemExit, match=message):
+            run_real(RealConfig(out="/nonexistent/never-made", **flags))
 
 
 def test_bad_input_found_inside_a_stage_ends_the_demo_with_one_error_line(monkeypatch):
@@ -176,6 +181,17 @@ def test_the_real_demo_checks_its_inputs_before_writing_anything(tmp_path):
         with pytest.raises(ValueError, match=error):
             run_real(RealConfig(gguf=str(tmp_path / "m.gguf"), bench_dir=str(tmp_path / "bench"), out=str(out), **flags))
     assert not out.exists()
+
+
+def test_the_real_demo_refuses_more_frozen_blocks_than_the_model_has_before_writing(tmp_path):
+    """SFT refused it after the base model's answers (an hour); checked at the end of stage 1 instead, the
+    run's demo_config.json then refused the corrected flag."""
+    pytest.importorskip("gguf", reason="the gguf package (test-only) writes the tiny GGUF file")
+    from test_gguf import write_gguf
+    write_gguf(tmp_path / "tiny.gguf", quantized=False)  # 2 blocks
+    with pytest.raises(ValueError, match="--freeze-layers 3: the model has 2 blocks"):
+        run_real(RealConfig(gguf=str(tmp_path / "tiny.gguf"), out=str(tmp_path / "out"), freeze_layers=3))
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_toy_demo_refuses_flags_it_cannot_run_before_writing_anything(tmp_path):

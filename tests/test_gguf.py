@@ -163,6 +163,18 @@ def test_files_we_cannot_convert_are_refused_by_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_cut_short_is_named_truncated_in_its_header_or_its_tensors(tmp_path):
+    """A download cut short was "cannot reshape array of size 399424 into shape (20)" or a struct.error traceback."""
+    pytest.importorskip("gguf", reason="the gguf package (test-only) writes the GGUF file")
+    write_gguf(tmp_path / "whole.gguf", quantized=True)
+    data = (tmp_path / "whole.gguf").read_bytes()
+    for size in (40, len(data) // 2, len(data) - 1):  # inside the metadata, in the tensor data, its last byte
+        (tmp_path / "cut.gguf").write_bytes(data[:size])
+        with pytest.raises(ValueError, match=f"cut.gguf: a truncated GGUF file \\({size:,} bytes"):
+            convert(str(tmp_path / "cut.gguf"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 # -----------------------------------------------------------------------------
 # the real file
 
