@@ -181,7 +181,7 @@ def resume_predictions(out_path, settings: list[dict], rows: list[dict], overwri
         if isinstance(i, int) and i >= len(settings):  # the settings of no row here: say why instead
             raise ValueError(f"{out_path}: row {i} is past the {len(settings)} rows asked now (a smaller --limit, or "
                              f"a shorter benchmark file){hint}")
-        want = settings[i] if isinstance(i, int) and 0 <= i < len(settings) else None
+        want = settings[i] if isinstance(i, int) and i >= 0 else None  # past the end: refused just above
         if want is None or p.get("generation") != want:
             diff = settings_diff(p.get("generation") or {}, want or {})
             raise ValueError(f"{out_path}: row {i} was made by other settings ({diff or 'no generation record'}"

@@ -362,7 +362,8 @@ def prepare(cfg, kind="sft", write_default_data=None):
     the others read the cache), tokenizer and the model. With no --data, write_default_data(dir, seed)
     writes the built-in data and returns (data file, tokenizer folder)."""
     rank, world, device = setup_distributed(cfg.device)
-    compute_dtype(cfg.dtype, device), compute_dtype(cfg.export_dtype, device, "--export-dtype")  # not at the first save
+    compute_dtype(cfg.dtype, device)  # bad names fail here, not at the first save after the steps
+    compute_dtype(cfg.export_dtype, device, "--export-dtype")
     per_step = cfg.micro_rows * world
     if cfg.batch_rows % per_step:
         raise ValueError(f"--batch-rows {cfg.batch_rows} is not a multiple of --micro-rows x ranks = {per_step}")
