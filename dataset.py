@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -101,6 +102,43 @@ def plain_chat(messages, bos, eos):
 
 TEMPLATES = {"llama3": llama3_chat, "inst": inst_chat, "glm4": glm4_chat, "chatml": chatml_chat, "plain": plain_chat}
 END_OF_TURN = {"llama3": "<|eot_id|>", "glm4": "<|endoftext|>", "chatml": "<|im_end|>", "plain": "</s>"}
+
+# The same templates as jinja, for a checkpoint trained in a format its own files do not describe (--template, or
+# no chat template at all): its export carries the format it learned, so transformers' apply_chat_template and
+# vLLM prompt it as training did. {bos} and {eos} are filled in with the tokenizer's. (llama3 trims every turn;
+# the Python form keeps a system turn's date header whole, which differs only for a header with nothing after it.)
+JINJA = {
+    "llama3": r"""{{- '<|begin_of_text|>' }}
+{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}
+""",
+    "inst": r"""{{- {bos} }}
+{%- for m in messages %}
+{%- if m['role'] == 'system' %}{{- '<<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' }}
+{%- elif m['role'] == 'user' %}{{- '[INST]' + m['content'] + '[/INST]' }}
+{%- else %}{{- m['content'] + {eos} }}{%- endif %}
+{%- endfor -%}
+""",
+    "glm4": r"""{{- '[gMASK]<sop>' }}
+{%- for m in messages %}
+{%- if m['role'] == 'assistant' %}{{- '<|assistant|>\n' + m['content'] + '<|endoftext|>' }}
+{%- else %}{{- '<|' + m['role'] + '|>\n' + m['content'] }}{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif -%}
+""",
+    "chatml": r"""{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif -%}
+""",
+    "plain": r"""{{- '<s>' }}
+{%- for m in messages %}
+{%- if m['role'] == 'assistant' %}{{- '<assistant> ' + m['content'] + '</s>' }}
+{%- else %}{{- '<' + m['role'] + '> ' + m['content'] + ' ' }}{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<assistant>' }}{%- endif -%}
+""",
+}
 
 
 def default_system(template: str, chat_template: str) -> str:
@@ -194,7 +232,12 @@ class Tokenizer:
         self.bos = token_str(config.get("bos_token")) or ("<s>" if "<s>" in self.specials else "")
         self.eos = token_str(config.get("eos_token")) or ("</s>" if "</s>" in self.specials else "")
         self.chat_template = read_chat_template(path, config)
-        self.template = template or detect_template(self.chat_template, self.specials)
+        try:
+            self.template = template or detect_template(self.chat_template, self.specials)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        # False when the files hold no chat template or one of another format: exports then write ours (JINJA)
+        self.own_template = bool(self.chat_template) and template_in(self.chat_template) == self.template
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown chat template {self.template!r}; choose from {', '.join(TEMPLATES)}")
         end = END_OF_TURN.get(self.template, self.eos)  # what an answer ends with: the stop the model learns
@@ -260,14 +303,32 @@ def read_chat_template(path, config: dict) -> str:
     return template or ""
 
 
+MARKS = [("[INST]", "inst"), ("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"), ("[gMASK]", "glm4"),
+         ("<assistant>", "plain")]
+
+
+FOREIGN_INST = re.compile(r"\[INST\] |\s\[/INST\]|\[SYSTEM_PROMPT\]")  # Mistral's and Llama 2's [INST] forms
+
+
+def template_in(chat_template: str):
+    """Which of our templates a jinja chat template writes, by the first mark found in it; None if none.
+    Mistral's and Llama 2's [INST] templates are not our `inst` (LongWriter's form)."""
+    if FOREIGN_INST.search(chat_template):
+        return None
+    return next((name for mark, name in MARKS if mark in chat_template), None)
+
+
 def detect_template(chat_template: str, specials: dict) -> str:
-    """The template named by tokenizer_config.json's chat_template, else by the special tokens present."""
-    marks = [("[INST]", "inst"), ("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"),
-             ("[gMASK]", "glm4"), ("<assistant>", "plain")]
-    for mark, name in marks:
-        if mark in chat_template:
-            return name
-    for mark, name in marks:
+    """The template named by tokenizer_config.json's chat_template, else by the special tokens present.
+    Mistral's and Llama 2's [INST] templates are refused, not taken for LongWriter's."""
+    if FOREIGN_INST.search(chat_template):
+        raise ValueError("its chat template is Mistral's or Llama 2's [INST] format (a space around the user's text, or "
+                         "[SYSTEM_PROMPT]), which this project does not write; --template inst trains the model in "
+                         "LongWriter's form instead ([INST]{user}[/INST]{answer}</s>, <<SYS>> system), and its "
+                         "exports then carry that form")
+    if name := template_in(chat_template):
+        return name
+    for mark, name in MARKS:
         if mark in specials:
             return name
     raise ValueError("cannot tell the chat template from the tokenizer files; name one with --template "
@@ -554,6 +615,24 @@ def tokenizer_files(tok: Tokenizer) -> list[str]:
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja", "chat_template.json", "generation_config.json")
     return [os.path.join(tok.path, n) for n in names if os.path.isfile(os.path.join(tok.path, n))]
+
+
+def save_tokenizer(tok: Tokenizer, out_dir):
+    """Copy the tokenizer files into a checkpoint folder. When training used a format the files do not
+    describe (tok.own_template False), the folder gets that format's jinja instead of theirs, so our scripts,
+    transformers and vLLM all prompt the trained model in the format it learned."""
+    for f in tokenizer_files(tok):
+        name = os.path.basename(f)
+        if tok.own_template or name not in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+            shutil.copy(f, out_dir)
+        elif name == "tokenizer_config.json":
+            config = {k: v for k, v in read_json(f).items() if k != "chat_template"}
+            with open(os.path.join(out_dir, name), "w", encoding="utf-8") as out:
+                json.dump(config, out, indent=2, ensure_ascii=False)
+    if not tok.own_template:
+        jinja = JINJA[tok.template].replace("{bos}", json.dumps(tok.bos)).replace("{eos}", json.dumps(tok.eos))
+        with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as out:
+            out.write(jinja)
 
 
 def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=False, skip_bad=False,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import add_flags, file_digest, load_packed, load_tokenizer, read_json, tokenizer_files, write_builtin
+from dataset import add_flags, file_digest, load_packed, load_tokenizer, read_json, save_tokenizer, write_builtin
 from generate import context_of
 from model import ModelConfig, Transformer, check_device, compute_dtype, read_config, save_hf, write_json
 
@@ -266,8 +266,7 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, tokenizer):
     if rank0:
         dtype = compute_dtype(cfg.export_dtype, "cpu", "--export-dtype")
         save_hf({k: v.to(dtype) for k, v in full.items()}, model.config, tmp)
-        for f in tokenizer_files(tokenizer):
-            shutil.copy(f, tmp)
+        save_tokenizer(tokenizer, tmp)
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "config": asdict(cfg),
                                                              "data_sha": file_digest(cfg.data)[:16]})
         if os.path.exists(final):

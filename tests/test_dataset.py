@@ -421,3 +421,61 @@ def test_llama32_prompts_and_labels_equal_its_instruct_template_in_transformers(
         assert ids == hf_ids(messages, False)
         target = [i for i, l in zip(ids, labels) if l != -100]
         assert tok.decode(target) == "The bicycle began in 1817 with Drais." and target[-1] == tok.specials["<|eot_id|>"]
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_a_format_the_files_do_not_describe_travels_with_the_export_as_jinja(bpe_dir, tmp_path, name):
+    """Training with --template X on files that hold no chat template (or another format's) used to export the
+    files' own template: the trained model was then prompted in a format it never learned, by our scripts
+    and by transformers alike. The export now carries X as jinja, which renders what our templates do."""
+    import transformers
+    from dataset import chat_prompt_ids, save_tokenizer
+    save_tokenizer(Tokenizer(bpe_dir, template=name), str(tmp_path))
+    tok, ref = Tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.template == name and tok.own_template and tok.default_system == ""
+    assert ref.apply_chat_template(CONV, tokenize=False) == EXPECTED[name]
+    prompt = ref.apply_chat_template(CONV[:4], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert list(prompt) == chat_prompt_ids(tok, CONV[:4])
+
+
+def test_a_checkpoints_own_template_is_copied_unchanged_and_a_foreign_one_replaced(tmp_path):
+    import shutil
+    from dataset import save_tokenizer
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(llama32_tokenizer_dir(), name), src / name)
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, "data", "llama3.2-instruct.chat_template.jinja"), src / "chat_template.jinja")
+    (tmp_path / "own").mkdir()
+    save_tokenizer(Tokenizer(str(src)), str(tmp_path / "own"))
+    assert sorted(os.listdir(tmp_path / "own")) == sorted(os.listdir(src))
+    assert all((tmp_path / "own" / f).read_bytes() == (src / f).read_bytes() for f in os.listdir(src))
+    (tmp_path / "inst").mkdir()  # LongWriter-llama3.1-8b's recipe: Llama 3.1's files, trained in the [INST] form
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ '<|start_header_id|>' }}"}))
+    save_tokenizer(Tokenizer(str(src), "inst"), str(tmp_path / "inst"))
+    assert "chat_template" not in json.loads((tmp_path / "inst" / "tokenizer_config.json").read_text())
+    assert Tokenizer(str(tmp_path / "inst")).template == "inst"
+
+
+@pytest.mark.parametrize("jinja", [
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}",  # Mistral 7B v0.1/v0.2, Mixtral
+    "{% for m in messages %}{{ bos_token + '[INST] <<SYS>>\\n' + m['content'] }}{% endfor %}",  # Llama 2 chat
+    "{{ '[SYSTEM_PROMPT]' + s + '[/SYSTEM_PROMPT]' }}{% for m in messages %}{{ '[INST]' + m['content'] + '[/INST]' }}"
+    "{% endfor %}"])  # Mistral Small 3
+def test_mistral_and_llama2_inst_templates_are_refused_not_taken_for_longwriters(bpe_dir, tmp_path, jinja):
+    """They were read as `inst`, LongWriter's form: prompts without their spaces, a system turn they never saw."""
+    import shutil
+    from dataset import save_tokenizer
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(bpe_dir, name), tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(jinja)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: its chat template is Mistral's or Llama 2's [INST]")):
+        Tokenizer(str(tmp_path))
+    tok = Tokenizer(str(tmp_path), "inst")  # asked for by name: trained, and exported, in LongWriter's form
+    assert not tok.own_template
+    (tmp_path / "out").mkdir()
+    save_tokenizer(tok, str(tmp_path / "out"))
+    assert Tokenizer(str(tmp_path / "out")).template == "inst"

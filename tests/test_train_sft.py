@@ -342,3 +342,15 @@ def test_a_run_that_fails_before_training_leaves_no_empty_out_folder(tmp_path):
     run = subprocess.run([sys.executable, "train_sft.py", "--model", str(tmp_path / "nowhere"), "--data",
                           str(tmp_path / "none.jsonl"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "error:" in run.stderr and not out.exists()
+
+
+def test_the_export_prompts_in_transformers_as_training_did(corpus, tmp_path):
+    """The built-in tokenizer has no chat template of its own: the export writes the one training used."""
+    import transformers
+    from dataset import Tokenizer, chat_prompt_ids
+    run(corpus, tmp_path / "run", max_steps=1)
+    export = str(tmp_path / "run" / "step_1")
+    messages = [{"role": "user", "content": "write 300 words about the river"}]
+    ref = transformers.AutoTokenizer.from_pretrained(export)
+    ids = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert list(ids) == chat_prompt_ids(Tokenizer(export), messages)
