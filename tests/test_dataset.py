@@ -451,6 +451,13 @@ def test_a_checkpoints_own_template_is_copied_unchanged_and_a_foreign_one_replac
     save_tokenizer(Tokenizer(str(src)), str(tmp_path / "own"))
     assert sorted(os.listdir(tmp_path / "own")) == sorted(os.listdir(src))
     assert all((tmp_path / "own" / f).read_bytes() == (src / f).read_bytes() for f in os.listdir(src))
+    (tmp_path / "bare").mkdir()  # the package's files alone hold no template: the export writes ours
+    save_tokenizer(Tokenizer(llama32_tokenizer_dir()), str(tmp_path / "bare"))
+    import transformers
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bare"))
+    talk = [{"role": "user", "content": " 写一篇两千字的文章。\n"}, {"role": "assistant", "content": "  The wall.\n\n"}]
+    assert (list(ref.apply_chat_template(talk, tokenize=True, return_dict=True)["input_ids"])
+            == encode_chat(Tokenizer(str(tmp_path / "bare")), talk)[0])
     (tmp_path / "inst").mkdir()  # LongWriter-llama3.1-8b's recipe: Llama 3.1's files, trained in the [INST] form
     config = json.loads((src / "tokenizer_config.json").read_text())
     (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ '<|start_header_id|>' }}"}))
