@@ -232,10 +232,14 @@ class Tokenizer:
         self.bos = token_str(config.get("bos_token")) or ("<s>" if "<s>" in self.specials else "")
         self.eos = token_str(config.get("eos_token")) or ("</s>" if "</s>" in self.specials else "")
         self.chat_template = read_chat_template(path, config)
+        found = None
         try:
-            self.template = template or detect_template(self.chat_template, self.specials)
+            found = detect_template(self.chat_template, self.specials)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            if template is None:
+                raise ValueError(f"{path}: {e}") from None
+        self.template = template or found
+        self.forced = self.template != found  # named against the files (--template): prompts differ, records say so
         # False when the files hold no chat template or one of another format: exports then write ours (JINJA)
         self.own_template = bool(self.chat_template) and template_in(self.chat_template) == self.template
         if self.template not in TEMPLATES:
@@ -324,7 +328,7 @@ def detect_template(chat_template: str, specials: dict) -> str:
     if FOREIGN_INST.search(chat_template):
         raise ValueError("its chat template is Mistral's or Llama 2's [INST] format (a space around the user's text, or "
                          "[SYSTEM_PROMPT]), which this project does not write; --template inst trains the model in "
-                         "LongWriter's form instead ([INST]{user}[/INST]{answer}</s>, <<SYS>> system), and its "
+                         "LongWriter's form instead ([INST]{user}[/INST]{answer}<EOS>, <<SYS>> system), and its "
                          "exports then carry that form")
     if name := template_in(chat_template):
         return name

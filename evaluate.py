@@ -197,9 +197,11 @@ def resume_predictions(out_path, settings: list[dict], rows: list[dict], overwri
 
 
 def generation_record(model_id: dict, max_new: int, temperature, top_p, seed, system, repetition_penalty=1.0,
-                      no_repeat_ngram=0) -> dict:
+                      no_repeat_ngram=0, template="") -> dict:
     record = {**model_id, "max_new_tokens": max_new, "temperature": temperature, "top_p": top_p, "seed": seed,
               "system": system}
+    if template:  # a --template other than the checkpoint's own format (see Tokenizer.forced)
+        record["template"] = template
     if repetition_penalty != 1.0:  # only when used, so that files written before they existed still resume
         record["repetition_penalty"] = repetition_penalty
     if no_repeat_ngram:
@@ -223,8 +225,8 @@ def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5,
     if any(m <= 0 for m in (max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens])):
         log(f"predict: max_new_tokens fills the context: {min(limits)}-{max(limits)} new tokens per row")
     model_id = model_id or {"model": "unnamed"}
-    settings = [generation_record(model_id, m, temperature, top_p, seed, system, repetition_penalty, no_repeat_ngram)
-                for m in limits]
+    settings = [generation_record(model_id, m, temperature, top_p, seed, system, repetition_penalty, no_repeat_ngram,
+                                  tok.template if tok.forced else "") for m in limits]
     done = resume_predictions(out_path, settings, rows, overwrite, log)
     out = JsonlLog(out_path)
     todo = [i for i in range(len(rows)) if i not in done]

@@ -249,7 +249,9 @@ def sampling_settings(cfg: DPOConfig, local: bool) -> dict:
                              "--model; an endpoint decodes with its own settings")
         who = endpoint_identity(cfg.api_base, cfg.sampler_model) if cfg.sampler_model else {"sampler": "given by the caller"}
         return {**who, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "system": cfg.system}
-    return {**checkpoint_identity(cfg.model), "temperature": cfg.temperature, "top_p": cfg.top_p,
+    tok = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
+    return {**checkpoint_identity(cfg.model), **({"template": tok.template} if tok.forced else {}),
+            "temperature": cfg.temperature, "top_p": cfg.top_p,
             "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram": cfg.no_repeat_ngram,
             "max_new_tokens": cfg.max_new_tokens, "system": cfg.system, "seed": cfg.seed,
             **stop_odds_record(cfg.repetition_penalty, cfg.no_repeat_ngram)}

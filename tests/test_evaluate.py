@@ -390,6 +390,10 @@ def test_predict_never_reuses_answers_of_another_checkpoint_or_setting(tmp_path)
     other = predict("sft")
     assert other.returncode != 0 and "made by other settings" in other.stderr and "--overwrite" in other.stderr
     assert predict("base", "--temperature", "0.9").returncode != 0  # another setting: refused too
+    # another chat format asked by name: other prompts, refused (the files' own format named: the same answers)
+    forced = predict("base", "--template", "inst")
+    assert forced.returncode != 0 and "(template: None there, 'inst' now" in forced.stderr, forced.stderr
+    assert "reusing 3 answers" in predict("base", "--template", "plain").stdout
     # the same settings but another request at index 1 (a row removed from the file): refused, never reused
     shifted = tmp_path / "shifted.jsonl"
     shifted.write_text("".join(json.dumps({"prompt": f"write a {n} word essay about the sea .", "length": 100}) + "\n"

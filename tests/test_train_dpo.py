@@ -232,6 +232,9 @@ def test_pair_samples_decode_as_asked_and_are_never_reused_from_another_model(tm
     with pytest.raises(ValueError, match=r"other settings \(temperature: 0.5 there, 0.7 now"):
         build_pairs(DPOConfig(**{**base, "temperature": 0.7}, pairs_out=banned.pairs_out, top_p=0.9, no_repeat_ngram=3),
                     log=lambda s: None)
+    with pytest.raises(ValueError, match=r"other settings \(template: None there, 'inst' now"):  # other prompts
+        build_pairs(DPOConfig(**base, template="inst", pairs_out=banned.pairs_out, top_p=0.9, no_repeat_ngram=3),
+                    log=lambda s: None)
     inputs.write_text(json.dumps({"prompt": "write a 300 word story .", "length": 300}) + "\n")
     with pytest.raises(ValueError, match=r"line 1 answers another instruction than instruction 0 now"):
         build_pairs(banned, log=lambda s: None)
