@@ -462,6 +462,10 @@ def writer_settings(cfg) -> dict:
     """What decides the text of a call. Cached plans and paragraphs are reused only under the same settings:
     another writer's paragraphs, or ones asked at another length, would be stitched into new answers unseen."""
     writer = checkpoint_identity(cfg.checkpoint) if cfg.checkpoint else endpoint_identity(cfg.api_base, cfg.model)
+    if cfg.checkpoint and cfg.template:  # another chat format than the files name: other prompts (Tokenizer.forced)
+        from dataset import load_tokenizer
+        tok = load_tokenizer(cfg.checkpoint, cfg.template)
+        writer = {**writer, **({"template": tok.template} if tok.forced else {})}
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings,
@@ -674,6 +678,7 @@ class AgentConfig:
     min_ratio: float = 0.5               # drop answers shorter than this x the planned words
     max_ratio: float = 1.5               # drop answers longer than this x the planned words
     system: str = ""                     # --checkpoint: system turn; empty: the chat template's default (if any)
+    template: str = ""                   # --checkpoint: chat template name; empty: detect from the tokenizer files
     context: int = 0                     # --checkpoint: > 0, a smaller context than the model's
     dtype: str = ""                      # --checkpoint: its weights' dtype (default: bfloat16 on CUDA, float32 on CPU)
     plan_template: str = PLAN_PROMPT
@@ -743,8 +748,8 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     if own and cfg.checkpoint:
         # one row per item in flight, never more: each row is a whole context of cache (8,192 tokens of SmolLM2 in
         # float32: 380 MB), so --workers 64 for 2 items held 24 GB and was killed on a 23 GB machine
-        client = LocalClient(cfg.checkpoint, max_batch=max(1, min(cfg.workers, len(todo))), system=cfg.system,
-                             context=cfg.context, repetition_penalty=cfg.repetition_penalty,
+        client = LocalClient(cfg.checkpoint, max_batch=max(1, min(cfg.workers, len(todo))), template=cfg.template or None,
+                             system=cfg.system, context=cfg.context, repetition_penalty=cfg.repetition_penalty,
                              no_repeat_ngram=cfg.no_repeat_ngram, dtype=cfg.dtype, top_p=cfg.top_p)
     elif own:
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,

@@ -704,6 +704,9 @@ def test_a_finished_local_rerun_loads_no_model_and_a_closed_client_exits_cleanly
     cfg = AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton", checkpoint=str(ckpt))
     assert run(cfg, client=SectionWriter(), log=quiet)["done"] == 1
     assert json.loads((tmp_path / "out.jsonl").read_text())["writer"]["model"] == "ckpt"
+    with pytest.raises(ValueError, match=r"written with other settings \(template: None there, 'inst' now"):
+        run(AgentConfig(**{**vars(cfg), "template": "inst"}), client=SectionWriter(), log=quiet)  # other prompts
+    assert run(AgentConfig(**{**vars(cfg), "template": "plain"}), client=SectionWriter(), log=quiet)["skipped"] == 1
     monkeypatch.setattr(agentwrite, "LocalClient", lambda *a, **k: pytest.fail("a model was loaded for nothing"))
     assert run(cfg, log=quiet)["skipped"] == 1
     # closing frees the model and its cache (16 rows x 8192 tokens of SmolLM2: 6 GB, held through SFT before)
