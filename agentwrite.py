@@ -464,8 +464,8 @@ def writer_settings(cfg) -> dict:
     writer = checkpoint_identity(cfg.checkpoint) if cfg.checkpoint else endpoint_identity(cfg.api_base, cfg.model)
     if cfg.checkpoint and cfg.template:  # another chat format than the files name: other prompts (Tokenizer.forced)
         from dataset import load_tokenizer
-        tok = load_tokenizer(cfg.checkpoint, cfg.template)
-        writer = {**writer, **({"template": tok.template} if tok.forced else {})}
+        if load_tokenizer(cfg.checkpoint, cfg.template).forced:
+            writer = {**writer, "template": cfg.template}
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings,

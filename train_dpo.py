@@ -249,8 +249,8 @@ def sampling_settings(cfg: DPOConfig, local: bool) -> dict:
                              "--model; an endpoint decodes with its own settings")
         who = endpoint_identity(cfg.api_base, cfg.sampler_model) if cfg.sampler_model else {"sampler": "given by the caller"}
         return {**who, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "system": cfg.system}
-    tok = load_tokenizer(cfg.tokenizer or cfg.model, cfg.template or None)
-    return {**checkpoint_identity(cfg.model), **({"template": tok.template} if tok.forced else {}),
+    forced = cfg.template and load_tokenizer(cfg.tokenizer or cfg.model, cfg.template).forced  # other prompts
+    return {**checkpoint_identity(cfg.model), **({"template": cfg.template} if forced else {}),
             "temperature": cfg.temperature, "top_p": cfg.top_p,
             "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram": cfg.no_repeat_ngram,
             "max_new_tokens": cfg.max_new_tokens, "system": cfg.system, "seed": cfg.seed,
