@@ -10,6 +10,10 @@ import sys
 
 
 def run_cli(script: str, *args, cwd=None) -> subprocess.CompletedProcess:
+    """`script` relative to the repository root ("evaluate.py", "bench/gpu_check.py")."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(script))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
     out, err = io.StringIO(), io.StringIO()
     argv, here, code = sys.argv, os.getcwd(), 0

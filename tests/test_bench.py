@@ -1,17 +1,13 @@
 """The benchmark scripts run end to end on tiny shapes (CPU), so they do not rot between GPU sessions.
 Their numbers here mean nothing; the H100 figures are in BENCHMARKS.md."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli import run_cli
 
 
 def table_rows(cmd):
-    out = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_cli(*cmd)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| -")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # without the header
@@ -37,8 +33,7 @@ def test_benchmark_prints_one_row_per_setting_with_a_rate(cmd, expected):
 
 
 def test_gpu_check_runs_every_item_on_the_cpu_and_ends_with_a_summary(tmp_path):
-    out = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(tmp_path / "r.md")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run_cli("bench/gpu_check.py", "--device", "cpu", "--out", tmp_path / "r.md")
     report = (tmp_path / "r.md").read_text()
     assert report.strip() == out.stdout.strip()
     rows = {cells[0]: cells[1] for cells in table_rows_of(report)}
@@ -53,8 +48,7 @@ def test_gpu_check_runs_every_item_on_the_cpu_and_ends_with_a_summary(tmp_path):
 
 
 def test_gpu_check_only_runs_the_named_items_and_refuses_words_that_name_none(tmp_path):
-    run = lambda only: subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--only", only],
-                                      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = lambda only: run_cli("bench/gpu_check.py", "--device", "cpu", "--only", only)
     out = run("DPO:,cuDNN")
     assert [cells[0] for cells in table_rows_of(out.stdout)] == ["packed rows, SDPA (cuDNN first) = math backend",
                                                                   "DPO: cached reference = live reference"]
@@ -84,14 +78,13 @@ def test_stop_odds_kept_under_the_penalty_equal_the_models_own(tmp_path):
 ])
 def test_bench_generate_refuses_settings_it_would_fail_on_after_measuring(flags, message):
     """An IndexError at the end of the first case, or a traceback after the cases before it had run."""
-    out = subprocess.run([sys.executable, "bench/bench_generate.py", "--shape", "tiny", "--device", "cpu", *flags],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_cli("bench/bench_generate.py", "--shape", "tiny", "--device", "cpu", *flags)  # a traceback: raised here
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is here: the default device works")
 @pytest.mark.parametrize("script", ["bench/bench_train.py", "bench/bench_dpo.py", "bench/bench_generate.py"])
 def test_the_gpu_default_without_cuda_is_one_line_not_an_assertion(script):
-    out = subprocess.run([sys.executable, script, "--shape", "tiny"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_cli(script, "--shape", "tiny")
     assert out.returncode == 2 and "--device cuda: CUDA is not available here" in out.stderr
     assert "Traceback" not in out.stderr

@@ -135,16 +135,14 @@ def test_two_ranks_with_an_odd_number_of_rows_match_one_rank_and_save(tmp_path):
     args = ["train_dpo.py", "--model", "tiny", "--data", data, "--tokenizer", tok, "--max-tokens", "1024",
             "--packing", "sorted", "--batch-rows", "4", "--lr", "3e-3", "--beta", "0.5", "--device", "cpu",
             "--max-steps", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=240, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    train(DPOConfig(model="tiny", data=data, tokenizer=tok, max_tokens=1024, packing="sorted", batch_rows=4, lr=3e-3,
+                    beta=0.5, device="cpu", max_steps=3, out=str(tmp_path / "one")))  # one process: this one
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(free_port())] + args + ["--out", str(tmp_path / "two")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+                         cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     read = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-    assert len(read("two")) == 3
+    assert len(read("one")) == len(read("two")) == 3
     for a, b in zip(read("one"), read("two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     wa = Transformer.from_pretrained(tmp_path / "one" / "step_3").state_dict()
