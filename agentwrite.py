@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import requests
 
-from dataset import TOKENS_PER_WORD, DataError, count_words, read_jsonl
+from dataset import (TOKENS_PER_WORD, DataError, add_flags, chat_prompt_ids, count_words, file_digest, load_tokenizer,
+                     read_jsonl)
 
 PLAN_PROMPT = """Plan the piece of writing requested below so that it can be drafted one paragraph at a time.
 
@@ -341,7 +342,6 @@ class LocalClient:
     def __init__(self, checkpoint, device=None, max_batch=8, template=None, system="", context=0, row_len=32768,
                  seed=0, repetition_penalty=1.0, no_repeat_ngram=0, dtype="", top_p=0.8):
         import torch
-        from dataset import load_tokenizer
         from generate import check_cache_memory, context_of
         from model import Transformer, compute_dtype
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -367,7 +367,6 @@ class LocalClient:
 
     def complete(self, messages, max_tokens, temperature=0.7) -> tuple[str, str]:
         """(text, finish_reason); a prompt + max_tokens past the context is an APIError, named, before decoding."""
-        from dataset import chat_prompt_ids
         from generate import check_request, finish_reason
         prompt = chat_prompt_ids(self.tok, messages, self.system)
         try:
@@ -445,7 +444,6 @@ class JsonlLog:
 def checkpoint_identity(path) -> dict:
     """What a prediction file or an AgentWrite output records of the checkpoint that wrote it: its folder name
     and a digest of its config and weights (a moved folder is the same model; other weights under the same name are not)."""
-    from dataset import file_digest
     from model import checkpoint_files
     weights = file_digest(os.path.join(path, "config.json"), *checkpoint_files(path))[:16]
     return {"model": os.path.basename(os.path.normpath(path)), "weights": weights}
@@ -463,7 +461,6 @@ def writer_settings(cfg) -> dict:
     another writer's paragraphs, or ones asked at another length, would be stitched into new answers unseen."""
     writer = checkpoint_identity(cfg.checkpoint) if cfg.checkpoint else endpoint_identity(cfg.api_base, cfg.model)
     if cfg.checkpoint and cfg.template:  # another chat format than the files name: other prompts (Tokenizer.forced)
-        from dataset import load_tokenizer
         if load_tokenizer(cfg.checkpoint, cfg.template).forced:
             writer = {**writer, "template": cfg.template}
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -804,7 +801,6 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
 
 
 def main():
-    from dataset import add_flags
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cfg = AgentConfig(**vars(add_flags(ap, AgentConfig, skip=("plan_template", "write_template")).parse_args()))
     if not cfg.input:

@@ -309,8 +309,6 @@ def read_chat_template(path, config: dict) -> str:
 
 MARKS = [("[INST]", "inst"), ("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"), ("[gMASK]", "glm4"),
          ("<assistant>", "plain")]
-
-
 FOREIGN_INST = re.compile(r"\[INST\] |\s\[/INST\]|\[SYSTEM_PROMPT\]")  # Mistral's and Llama 2's [INST] forms
 
 
