@@ -10,10 +10,11 @@ Usage:
 
 A GGUF file is a header, key-value metadata (architecture, sizes, the tokenizer's vocabulary, merges, special
 ids and chat template) and tensors in ggml's block formats. We read it with a short reader of our own rather
-than the `gguf` package: the format is a few dozen lines of struct reads, the block formats we need are three
-lines of numpy each, and the project keeps no runtime dependency it can do without (the tests use `gguf`
-through transformers as the reference). Supported: llama-architecture files with a byte-level BPE
-("gpt2") tokenizer, tensors in F32, F16, BF16, Q8_0, Q4_0 and Q4_1.
+than the `gguf` package: the format is a few dozen lines of struct reads, each block format a few lines of numpy,
+and the project keeps no runtime dependency it can do without (the tests check every format against `gguf`'s
+own reader, and whole files against transformers' GGUF load). Supported: llama-architecture files (Llama 3.x's
+RoPE scaling included) with a byte-level BPE ("gpt2") tokenizer, tensors in F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1, Q4_K, Q5_K and Q6_K: the types of the Q8_0, Q6_K, Q5_K_M and Q4_K_M files most models come as.
 """
 import argparse
 import json
@@ -21,16 +22,21 @@ import os
 import shutil
 import struct
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
 import tokenizers
 
-from model import DTYPES, ModelConfig, save_hf, write_json
+from model import DTYPES, ModelConfig, rope_frequencies, save_hf, write_json
 
-# ggml tensor type -> (name, elements per block, bytes per block)
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
-              30: ("BF16", 1, 2)}
+# ggml tensor type -> (name, elements per block, bytes per block); K-quants are super-blocks of 256
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+              6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144),
+              13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+# the other types, only to name them in an error
+OTHER_TYPES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+               20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0"}
 # metadata value types: struct format of the scalars; 8 is a string, 9 an array
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
@@ -91,8 +97,9 @@ def read_gguf(path):
     tensors = {}
     for name, dims, kind, offset in infos:
         if kind not in GGML_TYPES:
-            raise ValueError(f"{path}: tensor {name} has ggml type {kind}, which this converter does not read "
-                             f"(it reads {', '.join(t[0] for t in GGML_TYPES.values())})")
+            raise ValueError(f"{path}: tensor {name} is {OTHER_TYPES.get(kind, f'of ggml type {kind}')}, which this "
+                             f"converter does not read (it reads {', '.join(t[0] for t in GGML_TYPES.values())}): "
+                             "take a Q4_K_M, Q5_K_M, Q6_K or Q8_0 file of the model")
         _, block, nbytes = GGML_TYPES[kind]
         begin = start + offset
         end = begin + int(np.prod(dims)) // block * nbytes
@@ -103,25 +110,44 @@ def read_gguf(path):
 
 
 def dequantize(kind: int, shape, data: np.ndarray) -> np.ndarray:
-    """float32 values of a tensor. Blocks of 32 elements: Q8_0 = f16 scale d + 32 int8 (x = d q); Q4_0 = d + 16
-    bytes of 4-bit q, low nibbles first (x = d (q - 8)); Q4_1 = d, f16 minimum m + 16 bytes (x = d q + m)."""
-    name = GGML_TYPES[kind][0]
+    """float32 values of a tensor, from ggml's block formats (x = scale * q + offset, block by block)."""
+    name, _, nbytes = GGML_TYPES[kind]
     if name == "F32":
         return data.view(np.float32).reshape(shape)
     if name == "F16":
         return data.view(np.float16).astype(np.float32).reshape(shape)
     if name == "BF16":
         return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    blocks = data.reshape(-1, GGML_TYPES[kind][2])
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    if name == "Q8_0":
-        return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(shape)
-    packed = blocks[:, -16:]
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
-    if name == "Q4_0":
-        return (d * (q - 8)).reshape(shape)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return (d * q + m).reshape(shape)
+    b = data.reshape(-1, nbytes)
+    f16 = lambda i: b[:, i:i + 2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    nibbles = lambda q: np.concatenate([q & 0x0F, q >> 4], axis=-1)  # low nibbles first, then the high ones
+    if name == "Q8_0":  # f16 scale d, 32 int8: x = d q
+        x = f16(0) * b[:, 2:].copy().view(np.int8)
+    elif name in ("Q4_0", "Q4_1"):  # d (, f16 minimum m), 16 bytes of 4-bit q: x = d (q - 8), or d q + m
+        q = nibbles(b[:, -16:]).astype(np.float32)
+        x = f16(0) * (q - 8) if name == "Q4_0" else f16(0) * q + f16(2)
+    elif name in ("Q5_0", "Q5_1"):  # d (, m), 32 fifth bits as a uint32, 16 bytes of low 4 bits
+        high = (b[:, -20:-16].copy().view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
+        q = (nibbles(b[:, -16:]) | high << 4).astype(np.float32)
+        x = f16(0) * (q - 16) if name == "Q5_0" else f16(0) * q + f16(2)
+    elif name in ("Q4_K", "Q5_K"):
+        # f16 d and dmin, then 12 bytes holding 8 six-bit scales and 8 six-bit minimums (one per 32 elements), then
+        # (Q5_K: 32 bytes of fifth bits, bit k for sub-block k) 128 bytes of 4-bit q, each 32 bytes holding sub-blocks
+        # 2j (low nibbles) and 2j+1 (high): x = d * scale * q - dmin * minimum
+        s = b[:, 4:16]
+        scale = np.concatenate([s[:, :4] & 63, (s[:, 8:] & 0x0F) | (s[:, :4] >> 6) << 4], axis=1)
+        minimum = np.concatenate([s[:, 4:8] & 63, (s[:, 8:] >> 4) | (s[:, 4:8] >> 6) << 4], axis=1)
+        q = nibbles(b[:, -128:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+        if name == "Q5_K":
+            q = q | ((b[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
+        x = f16(0)[:, :, None] * scale[:, :, None] * q - f16(2)[:, :, None] * minimum[:, :, None]
+    else:  # Q6_K: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales (one per 16 elements), f16 d at the end
+        # each half of 128 elements: 64 low bytes (nibbles of 4 quarters) and 32 high bytes (2 bits of each quarter)
+        low = nibbles(b[:, :128].reshape(-1, 2, 64)).reshape(-1, 2, 4, 32)
+        high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]) & 3
+        q = ((low | high << 4).astype(np.float32) - 32).reshape(-1, 2, 4, 2, 16)
+        x = f16(208)[:, :, None, None, None] * b[:, 192:208].copy().view(np.int8).reshape(-1, 2, 4, 2, 1) * q
+    return x.astype(np.float32).reshape(shape)
 
 
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -160,7 +186,7 @@ def model_config(meta: dict, tensors: dict) -> ModelConfig:
     hidden = get("embedding_length")
     if get("rope.scaling.type") not in (None, "none"):
         raise ValueError(f"RoPE scaling {get('rope.scaling.type')!r} in the GGUF file is not converted")
-    return ModelConfig(
+    cfg = ModelConfig(
         model_type="llama", vocab_size=get("vocab_size") or len(meta["tokenizer.ggml.tokens"]), hidden_size=hidden,
         intermediate_size=get("feed_forward_length"), num_hidden_layers=get("block_count"),
         num_attention_heads=heads, num_key_value_heads=get("attention.head_count_kv") or heads,
@@ -169,6 +195,25 @@ def model_config(meta: dict, tensors: dict) -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensors,
         hf={"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")})
+    if "rope_freqs.weight" in tensors:
+        cfg.rope_scaling = llama3_rope(cfg, dequantize(*tensors["rope_freqs.weight"]))
+    return cfg
+
+
+def llama3_rope(cfg: ModelConfig, factors: np.ndarray) -> dict:
+    """Llama 3.1-3.3 files carry their RoPE scaling as a tensor, rope_freqs, by which llama.cpp divides each
+    frequency; transformers describes it with four numbers. Every Llama 3.x used low_freq_factor 1,
+    high_freq_factor 4 and an original context of 8,192 tokens, with a factor of 8 or 32 (the largest of the
+    tensor's): take those, and check that our RoPE then divides each frequency by the file's factor. Ignoring the
+    tensor (as transformers' GGUF load does) rotates the lowest frequencies up to 32x faster than the model learned."""
+    rope = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    plain, _ = rope_frequencies(replace(cfg, rope_scaling=None), None, "cpu")
+    scaled, _ = rope_frequencies(replace(cfg, rope_scaling=rope), None, "cpu")
+    if factors.shape != plain.shape or not np.allclose((plain / scaled).numpy(), factors, rtol=1e-4):
+        raise ValueError(f"rope_freqs.weight ({factors.size} factors, up to {factors.max():g}) is not Llama 3's RoPE "
+                         "scaling with low_freq_factor 1, high_freq_factor 4 and 8,192 original positions: not converted")
+    return rope
 
 
 def byte_alphabet() -> dict:
@@ -228,6 +273,8 @@ def convert(gguf_path: str, out: str, dtype=torch.float32, log=print, overwrite=
     tokenizer = build_tokenizer(meta)
     state = {}
     for name, (kind, shape, data) in tensors.items():
+        if name == "rope_freqs.weight":  # read into the config above
+            continue
         w = dequantize(kind, shape, data)
         if ".attn_q." in name:
             w = unpermute(w, cfg.num_attention_heads)

