@@ -235,7 +235,8 @@ def build_tokenizer(meta: dict) -> tokenizers.Tokenizer:
         raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}: this converter builds byte-level BPE "
                          "('gpt2') tokenizers only")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre in ("qwen2", "tekken", "gpt-4o", "llama4", "deepseek-r1-qwen", "qwen35"):
+    if pre in ("qwen2", "tekken", "gpt-4o", "llama4", "deepseek-r1-qwen", "qwen35", "kormo", "f2llmv2", "megrez",
+               "kanana2", "talkie", "minimax-m2"):  # each splits text its own way
         raise ValueError(f"pre-tokenizer {pre!r} is not converted")
     alphabet = byte_alphabet()
     letters = set(alphabet.values())
@@ -243,7 +244,7 @@ def build_tokenizer(meta: dict) -> tokenizers.Tokenizer:
     vocab = {t if set(t) <= letters else "".join(alphabet[b] for b in t.encode()): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
-    if pre in ("llama-bpe", "llama3", "llama-v3"):
+    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx", "midm-2.0"):  # Llama 3's split
         tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
             tokenizers.pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
             tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -276,14 +276,17 @@ def test_llama3_byte_level_bpe_built_from_gguf_metadata_tokenizes_as_llama32s_ow
     tokens = sorted(vocab, key=vocab.get)
     assert [vocab[t] for t in tokens] == list(range(len(tokens)))
     special = {a["content"] for a in data["added_tokens"] if a["special"]}
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]],
             "tokenizer.ggml.token_type": [3 if t in special else 1 for t in tokens]}
-    ours, real = build_tokenizer(meta), tokenizers.Tokenizer.from_file(path)
+    real = tokenizers.Tokenizer.from_file(path)
     text = MULTILINGUAL + (" <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|> don't I'LL "
                            "we've\r\n\t 12345678 🎉🎉 ١٢٣  ")
-    ids = ours.encode(text, add_special_tokens=False).ids
-    assert ids == real.encode(text, add_special_tokens=False).ids and 128009 in ids  # <|eot_id|> as one token
+    want = real.encode(text, add_special_tokens=False).ids
+    assert 128009 in want  # <|eot_id|> as one token
+    for pre in ("llama-bpe", "smaug-bpe", "falcon3"):  # the names llama.cpp gives files that split as Llama 3 does
+        assert build_tokenizer(meta | {"tokenizer.ggml.pre": pre}).encode(text, add_special_tokens=False).ids == want
+    assert build_tokenizer(meta | {"tokenizer.ggml.pre": "default"}).encode(text, add_special_tokens=False).ids != want
 
 
 def test_files_we_cannot_convert_are_refused_by_name(tmp_path):
