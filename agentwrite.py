@@ -683,8 +683,8 @@ class AgentConfig:
     overwrite: bool = False              # start OUTPUT and its cache afresh (needed to change the settings above)
 
 
-def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """Process every instruction not yet in the output; returns the summary counts."""
+def check_config(cfg: AgentConfig):
+    """Refuse settings under which every item would fail or be dropped, before any call; read the prompt files."""
     if cfg.plan not in ("model", "skeleton"):
         raise ValueError(f"--plan must be model or skeleton, not {cfg.plan!r}")
     if cfg.section_words < 1:
@@ -712,6 +712,28 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
         if missing := [m for m in markers if "{" + m + "}" not in template and not (m == "point" and "{step}" in template)]:
             raise ValueError(f"{getattr(cfg, name + '_prompt') or name + ' prompt'}: no {{{missing[0]}}} marker "
                              f"(the {name} prompt needs {', '.join('{' + m + '}' for m in markers)})")
+
+
+def cached_state(cache: JsonlLog) -> dict:
+    """key -> the plan and paragraphs the cache holds for that item, so that a rerun redoes no finished call. A
+    dropped item is judged again from its cached paragraphs (no call), so another --min/--max-ratio applies."""
+    state = {}
+    for r in cache.read():
+        if r["kind"] == "settings":
+            continue
+        s = state.setdefault(r["key"], {})
+        if r["kind"] == "plan":
+            s["plan"], s["plan_text"] = r["steps"], r.get("text", "")
+        elif r["kind"] == "paragraph":
+            s.setdefault("paragraphs", {})[r["i"]] = r["text"]
+            if r.get("trimmed"):
+                s.setdefault("trimmed", set()).add(r["i"])
+    return state
+
+
+def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Process every instruction not yet in the output; returns the summary counts."""
+    check_config(cfg)
     items = read_instructions(cfg.input)
     if os.path.realpath(cfg.output) == os.path.realpath(cfg.input):
         raise ValueError(f"--output {cfg.output}: the --input file, which writing there would destroy: write to "
@@ -728,18 +750,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
                              "--output, or --overwrite to start it afresh")
     settings = writer_settings(cfg)
     check_settings(output, cache, settings, log)
-    # a dropped item is judged again from its cached paragraphs (no call), so another --min/--max-ratio applies
-    finished, state = {r["key"] for r in output.read()}, {}
-    for r in cache.read():
-        if r["kind"] == "settings":
-            continue
-        s = state.setdefault(r["key"], {})
-        if r["kind"] == "plan":
-            s["plan"], s["plan_text"] = r["steps"], r.get("text", "")
-        elif r["kind"] == "paragraph":
-            s.setdefault("paragraphs", {})[r["i"]] = r["text"]
-            if r.get("trimmed"):
-                s.setdefault("trimmed", set()).add(r["i"])
+    finished, state = {r["key"] for r in output.read()}, cached_state(cache)
     todo = [(key, src) for key, src in items if key not in finished]
     own = client is None and todo  # made here, closed here; none when there is nothing to write
     if own and cfg.checkpoint:
