@@ -13,8 +13,9 @@ ids and chat template) and tensors in ggml's block formats. We read it with a sh
 than the `gguf` package: the format is a few dozen lines of struct reads, each block format a few lines of numpy,
 and the project keeps no runtime dependency it can do without (the tests check every format against `gguf`'s
 own reader, and whole files against transformers' GGUF load). Supported: llama-architecture files (Llama 3.x's
-RoPE scaling included) with a byte-level BPE ("gpt2") tokenizer, tensors in F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1, Q4_K, Q5_K and Q6_K: the types of the Q8_0, Q6_K, Q5_K_M and Q4_K_M files most models come as.
+RoPE scaling included) with a byte-level BPE ("gpt2": Llama 3, SmolLM2) or SentencePiece BPE ("llama": Llama 2,
+Mistral 7B, TinyLlama) tokenizer; tensors in F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K,
+the types of the Q8_0, Q6_K, Q5_K_M and Q4_K_M files most models come as.
 """
 import argparse
 import json
@@ -228,12 +229,28 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 
 def build_tokenizer(meta: dict) -> tokenizers.Tokenizer:
-    """Byte-level BPE from the file's vocabulary and merges, as transformers builds it from a GGUF file: GPT-2's
-    pre-tokenizer (Llama 3's split for "llama-bpe" files), tokens marked control (type 3) as special tokens,
-    user-defined ones (type 4) as added tokens."""
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}: this converter builds byte-level BPE "
-                         "('gpt2') tokenizers only")
+    """The file's tokenizer as transformers builds it from a GGUF file: byte-level BPE ("gpt2") or SentencePiece's
+    BPE ("llama"); tokens marked control (type 3) become special tokens, user-defined ones (type 4) added tokens."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        tok, vocab = byte_level_bpe(meta)
+    elif kind == "llama":
+        tok, vocab = sentencepiece_bpe(meta)
+    else:
+        raise ValueError(f"tokenizer {kind!r}: this converter builds byte-level BPE ('gpt2') and SentencePiece BPE "
+                         "('llama') tokenizers only")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    # a byte-level "control" token written outside the byte alphabet is a mislabel llama.cpp makes: not a token
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == 3 and t in vocab])
+    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == 4 and t in vocab])
+    return tok
+
+
+def byte_level_bpe(meta: dict) -> tuple[tokenizers.Tokenizer, dict]:
+    """GPT-2's byte-level BPE from the file's vocabulary and merges; Llama 3's split for the files that use it."""
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre in ("qwen2", "tekken", "gpt-4o", "llama4", "deepseek-r1-qwen", "qwen35", "kormo", "f2llmv2", "megrez",
                "kanana2", "talkie", "minimax-m2"):  # each splits text its own way
@@ -251,12 +268,31 @@ def build_tokenizer(meta: dict) -> tokenizers.Tokenizer:
     else:
         tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == 3 and set(t) <= letters])
-    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == 4 and t in vocab])
-    return tok
+    return tok, vocab
+
+
+def sentencepiece_bpe(meta: dict) -> tuple[tokenizers.Tokenizer, dict]:
+    """SentencePiece's BPE (the files of Llama 2, Mistral 7B, TinyLlama) as a tokenizers BPE. Such files store each
+    piece's score, not the merges: a merge is any split of a piece into two pieces, and the higher the piece's score,
+    the earlier it merges. "▁" stands for a space and starts the text (unless the file says add_space_prefix
+    false); a character no piece holds falls back to its UTF-8 bytes, the <0xNN> pieces."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    if "tokenizer.ggml.scores" not in meta:
+        raise ValueError("a SentencePiece ('llama') tokenizer without tokenizer.ggml.scores: its merges are unknown")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [(t[:k], t[k:], score) for t, score in zip(tokens, meta["tokenizer.ggml.scores"])
+              for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+    merges.sort(key=lambda m: -m[2])  # stable: ties keep the file's order
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [m[:2] for m in merges], fuse_unk=True, byte_fallback=True,
+                                                     unk_token=None if unk is None else tokens[unk]))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace("▁", prepend_scheme="first" if prefix else "never",
+                                                            split=False)
+    tok.decoder = tokenizers.decoders.Sequence(
+        [tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()]
+        + ([tokenizers.decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok, vocab
 
 
 def convert(gguf_path: str, out: str, dtype=torch.float32, log=print, overwrite=False) -> str:
@@ -309,7 +345,9 @@ def convert(gguf_path: str, out: str, dtype=torch.float32, log=print, overwrite=
     write_json(os.path.join(tmp, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special("tokenizer.ggml.bos_token_id"),
         "eos_token": special("tokenizer.ggml.eos_token_id"), "unk_token": special("tokenizer.ggml.unknown_token_id"),
-        "pad_token": special("tokenizer.ggml.padding_token_id"), "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
+        "pad_token": special("tokenizer.ggml.padding_token_id"),
+        # llama.cpp puts <s> in front of a SentencePiece file's text unless the file says otherwise
+        "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"),
         "add_eos_token": meta.get("tokenizer.ggml.add_eos_token", False), "model_max_length": cfg.max_position_embeddings})
     if meta.get("tokenizer.chat_template"):
         with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:

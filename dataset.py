@@ -251,6 +251,12 @@ class Tokenizer:
         self.default_system = default_system(self.template, self.chat_template)
         by_length = sorted(self.specials, key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+        # where the tokenizers library knows every special token, it splits at them itself, as transformers does:
+        # split here, each piece would be encoded as if it began the text, and a SentencePiece-style tokenizer
+        # (Metaspace, prepend_scheme "first": Llama 2, Mistral) would put a "▁" after every [INST] that
+        # transformers does not
+        self.hf_splits = self.hf is not None and set(self.specials) <= {
+            t.content for t in self.hf.get_added_tokens_decoder().values()}
         # generation stops at any eos id of generation_config.json, the eos token or the end-of-turn token
         gen = read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
         stops = set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
@@ -261,6 +267,8 @@ class Tokenizer:
         self.pad_id = self.specials.get(token_str(config.get("pad_token")) or "<pad>", 0)
 
     def encode(self, text: str) -> list[int]:
+        if self.hf_splits:
+            return self.hf.encode(text, add_special_tokens=False).ids
         pieces = self.split_re.split(text) if self.split_re else [text]
         ids = []
         for piece in pieces:
@@ -272,6 +280,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once; the tokenizers library spreads plain text over all cores."""
+        if self.hf_splits:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         if self.hf is None or self.split_re is None:
             return [self.encode(t) for t in texts]
         pieces = [self.split_re.split(t) for t in texts]

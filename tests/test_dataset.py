@@ -86,6 +86,28 @@ def test_sentencepiece_tokenizer_model_is_read(tmp_path):
     assert ids[0] == 1 and ids[-1] == 2 and labels[-1] == 2 and labels[0] == -100
 
 
+def test_text_after_a_special_token_is_encoded_as_transformers_does_with_a_metaspace_tokenizer(tmp_path):
+    """Llama 2 and Mistral tokenizer.json files (a Metaspace pre-tokenizer, prepend_scheme "first") put a "▁" at the
+    start of the text only. Encoding the text between special tokens piece by piece put one after every [INST]
+    and </s> too: other prompt ids than transformers' for every chat turn."""
+    import tokenizers
+    import transformers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace("▁", prepend_scheme="first", split=False)
+    tok.decoder = tokenizers.decoders.Metaspace("▁", prepend_scheme="first", split=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"])
+    tok.train_from_iterator(["write a long story about the sea and the ships"] * 20, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+    ours = Tokenizer(str(tmp_path), template="inst")
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    texts = ["<s>[INST]write a story[/INST]the sea</s>", "the ships [INST] sea", "[INST]"]
+    want = [ref(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert [ours.encode(t) for t in texts] == want and ours.encode_batch(texts) == want
+    assert ours.encode("[INST]sea")[1] == ref.convert_tokens_to_ids("s")  # not "▁s": no space after [INST]
+
+
 def test_count_words_counts_chinese_characters_and_english_words():
     assert count_words("Hello, 世界! It's 2024 — 你好 world") == 4 + 4  # It's -> It + s; digits are not words
     assert count_words("") == 0

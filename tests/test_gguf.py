@@ -72,12 +72,14 @@ def llama3_factors(head_dim, theta, factor, low=1.0, high=4.0, original=8192):
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(path, quantized: bool, seed=0, context=256, hidden=64, kquants=False, rope_scaling=None):
+def write_gguf(path, quantized: bool, seed=0, context=256, hidden=64, kquants=False, rope_scaling=None, spm=None,
+               template=TEMPLATE):
     """A tiny llama model as llama.cpp writes it: q/k rows permuted, embeddings Q8_0 and q/k Q4_1 when quantized;
     the tokenizer as metadata. Returns the transformers model whose weights went in. kquants: every matrix in
     another of the K-quant and 5-bit types instead, random blocks (its weights are what the file says, so the
-    model returned is not them); rope_scaling: Llama 3's, stored as llama.cpp stores it (rope_freqs)."""
-    tokens, merges = byte_level_bpe()
+    model returned is not them); rope_scaling: Llama 3's, stored as llama.cpp stores it (rope_freqs); spm: a
+    SentencePiece vocabulary (pieces, scores, token types) instead of the byte-level BPE one."""
+    tokens, merges = (spm[0], None) if spm else byte_level_bpe()
     heads, theta = 4, 500000.0 if rope_scaling else 10000.0
     cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=2 * hidden,
                                    num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
@@ -98,14 +100,21 @@ def write_gguf(path, quantized: bool, seed=0, context=256, hidden=64, kquants=Fa
     w.add_head_count_kv(2)
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_merges(merges)
-    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    if spm:  # as llama.cpp writes Llama 2's: pieces, their scores and types, no merges
+        w.add_tokenizer_model("llama")
+        w.add_token_list(spm[0])
+        w.add_token_scores(spm[1])
+        w.add_token_types(spm[2])
+        w.add_unk_token_id(0)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template(TEMPLATE)
+    w.add_chat_template(template)
     if rope_scaling:
         w.add_tensor("rope_freqs.weight", llama3_factors(hidden // heads, theta, rope_scaling["factor"]))
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -287,6 +296,47 @@ def test_llama3_byte_level_bpe_built_from_gguf_metadata_tokenizes_as_llama32s_ow
     for pre in ("llama-bpe", "smaug-bpe", "falcon3"):  # the names llama.cpp gives files that split as Llama 3 does
         assert build_tokenizer(meta | {"tokenizer.ggml.pre": pre}).encode(text, add_special_tokens=False).ids == want
     assert build_tokenizer(meta | {"tokenizer.ggml.pre": "default"}).encode(text, add_special_tokens=False).ids != want
+
+
+def test_a_sentencepiece_file_tokenizes_as_transformers_gguf_load_and_sentencepiece_do(tmp_path):
+    """Llama 2, Mistral 7B and TinyLlama files hold a SentencePiece BPE vocabulary (pieces and scores, no merges).
+    Here one trained by the sentencepiece library as those were (BPE, byte fallback, no text normalization), with
+    control and user-defined pieces, written into a GGUF file the way llama.cpp writes it. Before, such files
+    were refused ("builds byte-level BPE ('gpt2') tokenizers only")."""
+    import sentencepiece
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([MULTILINGUAL.replace("<|im_start|>", "").replace("<|im_end|>", ""),
+                                  "write a long story about the sea and the ships", "长篇写作需要规划：先列提纲，再逐段写。"] * 60))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        control_symbols=["[INST]", "[/INST]"], user_defined_symbols=["<tool>"], minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 4 if p == "<tool>" else 1
+             for i, p in enumerate(pieces)]
+    from dataset import JINJA
+    template = JINJA["inst"].replace("{bos}", '"<s>"').replace("{eos}", '"</s>"')
+    write_gguf(tmp_path / "m.gguf", quantized=False, spm=(pieces, [sp.get_score(i) for i in range(len(pieces))], types),
+               template=template)
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "ckpt"), log=lambda s: None)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    tok = load_tokenizer(str(tmp_path / "ckpt"))
+    text = MULTILINGUAL + " 🎉 ĳ [INST]hi[/INST] ok</s> <tool>x\n\n\ttabs  and   spaces"
+    ids = tok.encode(text)
+    assert ids == ref(text, add_special_tokens=False)["input_ids"]
+    assert {3, 4, 5} <= set(ids) and any(types[i] == 6 for i in ids)  # [INST], [/INST], <tool>, byte pieces for 🎉
+    plain = text.replace("[INST]", "").replace("[/INST]", "").replace("</s>", "")  # the library reads no special text
+    assert tok.encode(plain) == sp.encode(plain) and tok.decode(tok.encode(plain)) == plain
+    messages = [{"role": "user", "content": "Write 500 words about the sea."}]
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
+    assert tok.template == "inst" and chat_prompt_ids(tok, messages) == list(exported.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert (Transformer.from_pretrained(str(tmp_path / "ckpt")).eval()(x) - model.eval()(x).logits).abs().max() < 1e-5
 
 
 def test_files_we_cannot_convert_are_refused_by_name(tmp_path):
