@@ -1,5 +1,6 @@
 """demo.py: the whole pipeline on a very small setting (the full demo is not a test), its reproducibility,
 the bootstrap interval it reports, and the real-model path on a tiny GGUF model written here."""
+import dataclasses
 import json
 import re
 import sys
@@ -125,8 +126,13 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert scores["word_loops"] == {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}
     assert f"four or more times in a row: {scores['word_loops']['base']} (base)" in scores["conclusion"]
     assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
+    assert "base: tiny; sft: the same" in stdout and "tiny before and after SFT" in (out / "lengths.svg").read_text()
     run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
     assert writer.calls == 7 and capsys.readouterr().out.count("| all ") == 1
+    # other settings with --overwrite start afresh, the model converted again (it was "checkpoint folder does not
+    # exist": the folder was deleted after the converted model had been found there)
+    run_real(dataclasses.replace(cfg, sft_epochs=1, overwrite=True), writer=writer)
+    assert writer.calls == 14 and capsys.readouterr().out.count("| all ") == 1
 
 
 def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_paired():
