@@ -545,8 +545,8 @@ def run_real(cfg: RealConfig, writer=None):
     body = [[g, results["base"][g]["n"]] + [v for m in preds for v in (
                 f"{results[m][g]['words'][0]:.0f}, {results[m][g]['median']:.0f}", ci_text(*results[m][g]["S_l"]),
                 results[m][g]["cut"])] for g in results["base"]]
-    name = os.path.basename(cfg.gguf).removesuffix(".gguf") if cfg.gguf else "SmolLM2-135M-Instruct"
-    print(f"base: {name}; sft: the same after SFT on {len(records)} AgentWrite answers; sampling "
+    model_name = os.path.basename(cfg.gguf).removesuffix(".gguf") if cfg.gguf else "SmolLM2-135M-Instruct"
+    print(f"base: {model_name}; sft: the same after SFT on {len(records)} AgentWrite answers; sampling "
           f"{cfg.temperature}/{cfg.top_p}, repetition penalty {cfg.repetition_penalty}; n: requests"
           + (f", each answered {cfg.samples} times (mean words and S_l per request first, the median over answers)"
              if cfg.samples > 1 else "") + "; cut: answers that reached the limit; intervals: 95% bootstrap over "
@@ -555,7 +555,7 @@ def run_real(cfg: RealConfig, writer=None):
     print(f"\nS_l gain, sft - base, paired over the same requests: {ci_text(*gain)}")
     plot = os.path.join(cfg.out, "lengths.svg")
     scatter_svg({f"({m})": [(x["length"], x["response_length"]) for x in p] for m, p in preds.items()}, plot,
-                title=f"Asked vs. written length, {name} before and after SFT")
+                title=f"Asked vs. written length, {model_name} before and after SFT")
     i = max(range(len(asked)), key=lambda k: preds["sft"][k]["response_length"] if asked[k]["source"] == "Ruler" else -1)
     for name, p in preds.items():
         print(f"\n({name}) on {asked[i]['prompt'][:80]!r}: {p[i]['response_length']} words, longest run of one "
