@@ -185,6 +185,8 @@ def model_config(meta: dict, tensors: dict) -> ModelConfig:
     get = lambda key, default=None: meta.get(f"llama.{key}", default)
     heads = get("attention.head_count")
     hidden = get("embedding_length")
+    if get("expert_count"):  # Mixtral's files say "llama" too
+        raise ValueError(f"a mixture-of-experts model ({get('expert_count')} experts): not converted")
     if get("rope.scaling.type") not in (None, "none"):
         raise ValueError(f"RoPE scaling {get('rope.scaling.type')!r} in the GGUF file is not converted")
     cfg = ModelConfig(

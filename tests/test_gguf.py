@@ -354,6 +354,9 @@ def test_files_we_cannot_convert_are_refused_by_name(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="q2.gguf: tensor token_embd.weight is Q2_K, which this converter does not read"):
         convert(str(tmp_path / "q2.gguf"), str(tmp_path / "out"))
+    from convert_gguf import model_config
+    with pytest.raises(ValueError, match="a mixture-of-experts model \\(8 experts\\): not converted"):
+        model_config({"general.architecture": "llama", "llama.expert_count": 8}, {})  # Mixtral: not "blk.0.ffn_gate_inp"
     assert not (tmp_path / "out").exists()
 
 
