@@ -337,7 +337,10 @@ class ChatClient:
 class LocalClient:
     """Our own checkpoint in-process, serving calls from many worker threads by continuous batching: a call
     takes a free row of the running batch at once and is answered as soon as its own answer ends. Only the
-    rows in use are decoded (eagerly), so one waiting call costs one row, up to max_batch rows at once."""
+    rows in use are decoded, so one waiting call costs one row, up to max_batch rows at once. Eagerly on CUDA
+    too, never as a CUDA graph: torch before 2.13 (the GPU machine has 2.11) fails an assertion when a compiled
+    CUDA graph runs in a Python thread other than the one that set up inductor's graph state (pytorch#123177),
+    and the serving thread is such a thread whenever the main one decoded compiled first (demo.py --real)."""
 
     def __init__(self, checkpoint, device=None, max_batch=8, template=None, system="", context=0, row_len=32768,
                  seed=0, repetition_penalty=1.0, no_repeat_ngram=0, dtype="", top_p=0.8):
@@ -347,7 +350,7 @@ class LocalClient:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = load_tokenizer(checkpoint, template)
         self.model = Transformer.from_pretrained(checkpoint, compute_dtype(dtype, device), device).eval()
-        self.compile, self.system = device.startswith("cuda"), system
+        self.system = system
         self.max_batch, self.seed, self.requests = max_batch, seed, queue.Queue()
         self.repetition_penalty, self.no_repeat_ngram, self.top_p = repetition_penalty, no_repeat_ngram, top_p
         # a cache row: the model's context (or --context), at most row_len tokens (the cache holds max_batch rows)
@@ -401,7 +404,7 @@ class LocalClient:
         while not self.closed:  # a failure fails the calls in flight, then serving goes on
             try:
                 for done, ids in continuous(self.model, next_request, self.max_batch, self.row_len, top_p=self.top_p,
-                                            seed=self.seed, compile=self.compile,
+                                            seed=self.seed,
                                             repetition_penalty=self.repetition_penalty,
                                             no_repeat_ngram=self.no_repeat_ngram):
                     pending.discard(done)

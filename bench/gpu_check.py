@@ -111,6 +111,41 @@ def compiled_decode(device, n):
     return same == 6, f"{same}/6 sequences of {n} tokens equal ({how})"
 
 
+def local_writer(device, tmp, n=32):
+    """AgentWrite's local writer answers calls from three threads on its serving thread, after the main thread
+    decoded through a compiled step (as demo.py --real does): greedy answers equal eager generate's, token for
+    token. Compiled CUDA graphs in that thread failed on torch 2.11 (pytorch#123177); the writer decodes eagerly."""
+    import threading
+    from agentwrite import LocalClient
+    from dataset import build_tokenizer, chat_prompt_ids, load_tokenizer
+    path = os.path.join(tmp, "writer")
+    build_tokenizer(path, ["write about the sea and the ships in the harbour at night"])
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    Transformer(cfg).save_pretrained(path)
+    model = Transformer.from_pretrained(path, torch.float32, device).eval()
+    chats = [[{"role": "user", "content": c}] for c in ("write about the sea", "the ships", "the harbour at night")]
+    prompts = [chat_prompt_ids(tok, c) for c in chats]
+    dict(generate_many(model, prompts, 8, slots=2, compile=True))  # the main thread compiles first
+    alone = [generate(model, [p], n, temperature=0)[0] for p in prompts]
+    client = LocalClient(path, device=device.type, max_batch=3, row_len=512, dtype="float32")
+    client.tok.stop_ids = []  # an untrained model may stop at once: every answer runs to its n tokens
+    answers = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, client.chat(chats[i], n, temperature=0)))
+               for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        client.close()
+    same = sum(a == tok.decode(b) for a, b in zip(answers, alone))
+    return same == 3, f"{same}/3 answers of {n} tokens from the serving thread equal eager generate"
+
+
 def sft_resume(device, tmp):
     """4 SFT steps (--loss-reduction token) equal 2 steps, a stop and a resume for 2 more."""
     from train_sft import TrainConfig, train
@@ -255,6 +290,7 @@ def main():
         check("correctness", "packed rows, SDPA (cuDNN first) = math backend", packed_attention, device, False)
         check("correctness", "packed rows, flash-attn = math backend", packed_attention, device, True)
         check("correctness", "compiled greedy decode = eager", compiled_decode, device, 256 if big else 48)
+        check("correctness", "AgentWrite's local writer (a serving thread) = eager", local_writer, device, tmp)
         check("correctness", "SFT: 2 steps + stop + resume = 4 steps", sft_resume, device, tmp)
         check("correctness", "DPO: cached reference = live reference", dpo_references, device, tmp)
     shape = "Llama-3.1-8B / Llama-3.2-1B shapes" if big else "tiny shapes"

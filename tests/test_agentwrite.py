@@ -433,6 +433,22 @@ def test_a_local_call_joins_the_running_batch_instead_of_waiting_for_it(tmp_path
         client.chat([{"role": "user", "content": "the sea"}], 5000)
 
 
+def test_the_local_writer_decodes_eagerly_on_cuda_too(tmp_path, monkeypatch):
+    """Its serving thread is not the main thread: on torch 2.11 (the GPU machine's) a compiled CUDA graph run there
+    fails an assertion in inductor's thread-local graph state once the main thread has compiled (pytorch#123177),
+    which failed every AgentWrite call of demo.py --real --device cuda. The model is loaded on the CPU here."""
+    import generate
+    import model as model_module
+    _, model = tiny_checkpoint(tmp_path)
+    monkeypatch.setattr(model_module.Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: model.eval()))
+    seen, real = [], generate.continuous
+    monkeypatch.setattr(generate, "continuous", lambda *a, **k: (seen.append(k.get("compile", False)), real(*a, **k))[1])
+    client = LocalClient(str(tmp_path), device="cuda", max_batch=2, row_len=256)
+    client.chat([{"role": "user", "content": "the sea"}], 3)
+    client.close()
+    assert seen and not any(seen)
+
+
 def test_local_backend_batches_calls_from_several_workers(tmp_path):
     from dataset import chat_prompt_ids
     from generate import generate
