@@ -616,6 +616,25 @@ def test_section_limit_cuts_a_rambling_section_at_its_last_sentence_so_the_answe
             client=RamblingWriter(), log=quiet)
 
 
+class DenseWriter(RamblingWriter):
+    """Real text takes fewer tokens a word than 1.35 (SmolLM2-135M: 504 words in 607 tokens): 1.1 here."""
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        return super().complete(messages, int(max_tokens * 1.35 / 1.1), temperature)
+
+
+def test_section_limit_counts_words_not_tokens(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    counts = run(AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton", workers=1,
+                             section_limit=1.5), client=DenseWriter(), log=quiet)
+    assert counts["done"] == 1  # at 1.35 tokens a word each section ran to ~1.8x its words and the answer was dropped
+    record = json.loads(open(tmp_path / "out.jsonl").read())
+    assert record["trimmed_paragraphs"] == [0, 1, 2] and all(500 <= w <= 525 for w in record["paragraph_words"])
+    assert all(p.endswith("rise.") for p in record["messages"][1]["content"].split("\n\n"))
+    assert record["writer"]["section_limit_in"] == "words"  # a cache cut by tokens alone is refused, not reused
+
+
 class CountingWriter(RamblingWriter):
     def __init__(self):
         self.calls = 0
