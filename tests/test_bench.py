@@ -37,14 +37,14 @@ def test_gpu_check_runs_every_item_on_the_cpu_and_ends_with_a_summary(tmp_path):
     report = (tmp_path / "r.md").read_text()
     assert report.strip() == out.stdout.strip()
     rows = {cells[0]: cells[1] for cells in table_rows_of(report)}
-    assert len(rows) == 11  # 7 correctness items, 4 speed items
+    assert len(rows) == 12  # 8 correctness items, 4 speed items
     assert rows["packed rows, flash-attn = math backend"] == "SKIP"  # not installed here
     failed = [name for name, status in rows.items() if status == "FAIL"]
     assert not failed and out.returncode == 0, (failed, out.stderr[-3000:])
-    assert all(status == "PASS" for name, status in rows.items() if name.startswith(("logits", "compiled", "SFT:", "DPO:",
-                                                                                      "packed rows, SDPA")))
+    assert all(status == "PASS" for name, status in rows.items()
+               if name.startswith(("logits", "compiled", "AgentWrite", "SFT:", "DPO:", "packed rows, SDPA")))
     assert all(status == "INFO" for name, status in rows.items() if "shapes" in name)  # no H100 goal judged on a CPU
-    assert re.search(r"^summary: 6 passed, 0 failed, 1 skipped$", report, re.M)
+    assert re.search(r"^summary: 7 passed, 0 failed, 1 skipped$", report, re.M)
 
 
 def test_gpu_check_only_runs_the_named_items_and_refuses_words_that_name_none(tmp_path):
