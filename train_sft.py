@@ -61,7 +61,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    dtype: str = ""             # compute dtype (autocast; weights and optimizer stay float32). Default: bfloat16
+    dtype: str = ""             # autocast dtype (weights, optimizer stay float32); empty: bfloat16 on CUDA, float32 on CPU
                                 # on CUDA, float32 on CPU; bfloat16 on a CPU with AVX512-BF16 ran 2.1x faster steps
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     freeze_layers: int = 0      # > 0: embeddings and the first N blocks stay fixed (0: full fine-tuning, the paper's)
