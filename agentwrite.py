@@ -596,7 +596,6 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             raise APIError(f"plan rejected {attempt} times; the last one: {done.get('plan_problem', '')} "
                            f"(the plans are kept in the cache file)")
         attempt += 1
-        log(f"{name}: planning (attempt {attempt} of {cfg.plan_attempts})")
         if cfg.plan == "skeleton":  # laid out by the code: nothing to ask, nothing to reject
             words = asked_words(source)
             if not words:
@@ -604,6 +603,7 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             steps = skeleton_plan(instruction, words, cfg.section_words)
             text, problem = plan_text(steps), ""
         else:
+            log(f"{name}: planning (attempt {attempt} of {cfg.plan_attempts})")
             text, finish = client.complete([{"role": "user", "content": fill(cfg.plan_template, instruction=instruction)}],
                                            max_tokens=cfg.plan_tokens, temperature=cfg.temperature)
             steps = parse_plan(text)

@@ -580,6 +580,7 @@ def test_a_skeleton_run_makes_no_planning_call_and_one_short_request_per_section
     record = json.loads(open(tmp_path / "out.jsonl").read())
     assert record["id"] == "tides" and record["plan"] == plan and record["paragraph_words"] == [350, 350, 350]
     assert any(l.startswith('no-length: failed: --plan skeleton needs the asked length') for l in lines)
+    assert not any("planning" in l for l in lines)  # the log does not claim a planning call it never made
     # a skeleton's own --write-prompt needs the instruction and the section's point, not the plan or the text
     bad = tmp_path / "bad.txt"
     bad.write_text("Write about {instruction}.")
