@@ -120,7 +120,14 @@ def main():
     cfg = ModelConfig.from_hf(read_config(args.checkpoint)) if args.checkpoint else ModelConfig(**SHAPES[args.shape])
     if args.checkpoint:
         args.shape = os.path.basename(os.path.normpath(args.checkpoint))
-    rows = []
+    # the table's rows print as they are measured: a CPU run of a real model's shape takes minutes a setting
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"SFT step, {args.shape} shape, {name}, torch {torch.__version__}{', MLPs compiled' if args.compile else ''}")
+    print(f"| {'implementation':<32} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
+    print(f"| {'-' * 32} | {'-' * 10} | {'-' * 9} | {'-' * 6} | {'-' * 8} |", flush=True)
+
+    def show(impl, T, tps, mfu, mem):
+        print(f"| {impl:<32} | {T:>10} | {tps:>9} | {mfu:>6} | {mem:>8} |", flush=True)
 
     def record(impl, T, fn):
         if device.type == "cuda":
@@ -133,9 +140,9 @@ def main():
             if device.type == "cuda":
                 mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
                 mfu = f"{flops_per_token(cfg, doc_len) * T / dt / 989e12:.1%}"
-            rows.append((impl, T, f"{T / dt:,.0f}", mfu, mem))
+            show(impl, T, f"{T / dt:,.0f}", mfu, mem)
         except torch.OutOfMemoryError:
-            rows.append((impl, T, "OOM", "-", "-"))
+            show(impl, T, "OOM", "-", "-")
 
     # one model and optimizer for all of ours; activation checkpointing off (faster) and on (fits longer rows)
     model = build_model(cfg, None, 0, 1, device, torch.bfloat16, compile=args.compile)
@@ -149,12 +156,6 @@ def main():
     ckpt = device.type == "cuda"  # rows of 16k+ need it on a GPU; on the CPU both sides run without it
     for T in args.hf_lengths:
         record(f"transformers{', ckpt' if ckpt else ''}", T, lambda: hf(cfg, device, T, ckpt))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\nSFT step, {args.shape} shape, {name}, torch {torch.__version__}{', MLPs compiled' if args.compile else ''}")
-    print(f"| {'implementation':<32} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
-    print(f"| {'-' * 32} | {'-' * 10} | {'-' * 9} | {'-' * 6} | {'-' * 8} |")
-    for impl, T, tps, mfu, mem in rows:
-        print(f"| {impl:<32} | {T:>10} | {tps:>9} | {mfu:>6} | {mem:>8} |")
 
 
 if __name__ == "__main__":
