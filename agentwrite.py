@@ -593,8 +593,11 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
     attempt = done.get("plan_attempts", 0)
     while "plan" not in done:
         if attempt >= cfg.plan_attempts:
-            raise APIError(f"plan rejected {attempt} times; the last one: {done.get('plan_problem', '')} "
-                           f"(the plans are kept in the cache file)")
+            problem = done.get("plan_problem", "")
+            hint = ("; a writer that writes no plan at all may be too small to plan: --plan skeleton lays one out"
+                    if re.search(r"\b0 parseable", problem) else "")
+            raise APIError(f"plan rejected {attempt} times; the last one: {problem} "
+                           f"(the plans are kept in the cache file){hint}")
         attempt += 1
         if cfg.plan == "skeleton":  # laid out by the code: nothing to ask, nothing to reject
             words = asked_words(source)

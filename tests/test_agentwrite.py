@@ -396,8 +396,10 @@ def test_plans_with_no_steps_or_too_many_are_rejected(inputs, tmp_path):
     assert counts["failed"] == 2 and counts["done"] == 1
     cache = [json.loads(l) for l in open(tmp_path / "out.jsonl.cache.jsonl")]
     errors = sorted(r["error"] for r in cache if r["kind"] == "failed")
-    assert errors == [f"plan rejected 3 times; the last one: {n} parseable steps (1 to 50 needed) (the plans are kept in "
-                      "the cache file)" for n in (0, 51)]
+    kept = "(the plans are kept in the cache file)"
+    assert errors == [f"plan rejected 3 times; the last one: 0 parseable steps (1 to 50 needed) {kept}; a writer that writes "
+                      "no plan at all may be too small to plan: --plan skeleton lays one out",  # prose, as SmolLM2-135M's
+                      f"plan rejected 3 times; the last one: 51 parseable steps (1 to 50 needed) {kept}"]
     rejected = [r for r in cache if r["kind"] == "plan_rejected"]  # each attempt kept: its text and its reason
     assert len(rejected) == 6 and sorted({r["text"] for r in rejected}) == sorted(plans.values())
     assert len(server.calls) == 3 + 3 + 4  # three plans for each failed item, one plan and three paragraphs
