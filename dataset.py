@@ -674,8 +674,11 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
     encoded = encode_chats(tok, conversations)
     units = [[c] for c in encoded] if kind == "sft" else [encoded[i:i + 2] for i in range(0, len(encoded), 2)]
     packed, over, no_target = pack(units, max_tokens, mode, truncate)
-    os.makedirs(cache_dir, exist_ok=True)
-    packed.save(path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        packed.save(path)
+    except OSError as e:  # data in a read-only folder: train from memory, and pack again the next time
+        log(f"{data}: packed cache not written ({e.strerror}: {e.filename}); the rows stay in memory")
     log(f"{data}: {len(units)} records ({bad} bad lines skipped), {over} longer than {max_tokens} tokens "
         f"{f'truncated ({no_target} of them dropped: the prompt filled the row)' if truncate else 'skipped'}; zero-width characters removed from {zero_width} answers; "
         f"{len(packed)} rows, {len(packed.ids)} tokens, packing efficiency {packed.efficiency():.1%}")

@@ -202,6 +202,17 @@ def test_cache_is_reused_and_rebuilt_when_settings_or_data_change(tmp_path):
     assert "packed cache" not in logs[3] and len(c.ids) > len(a.ids)
 
 
+def test_data_in_a_folder_that_cannot_hold_the_cache_still_loads(tmp_path):
+    data, tok_dir = write_builtin(str(tmp_path), count=20, max_words=300)
+    tok = Tokenizer(tok_dir)
+    want = load_packed(data, tok, max_tokens=1024, cache_dir=str(tmp_path / "elsewhere"), log=lambda m: None)
+    (tmp_path / ".cache").write_text("")  # a file where the cache folder goes: what a read-only data folder does
+    logs = []  # (root, which runs CI, may write to a read-only folder, so this stands in for one)
+    got = load_packed(data, tok, max_tokens=1024, log=logs.append)
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.targets, want.targets)
+    assert "packed cache not written" in logs[0] and ".cache" in logs[0] and "records" in logs[1]
+
+
 def test_builtin_corpus_is_deterministic_and_answers_have_the_asked_length():
     a, b = builtin_corpus(30, 100, 1200, seed=3), builtin_corpus(30, 100, 1200, seed=3)
     assert a == b and a != builtin_corpus(30, 100, 1200, seed=4)
