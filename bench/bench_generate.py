@@ -170,35 +170,34 @@ def main():
     if longest > cfg.max_position_embeddings:  # found only after the cases before it had run
         ap.error(f"{longest} tokens (prompt + new tokens, or --contexts) past the {args.shape} shape's context of "
                  f"{cfg.max_position_embeddings}; --contexts takes others (none: `--contexts` alone)")
+    lengths, source = answer_lengths(args.prompts, args.max_answer) if args.prompts else ([], "")
+    # the table's rows print as they are measured: a CPU run of a real model's shape takes minutes a row
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"decoding, {args.shape} shape, {args.dtype}, {name}, torch {torch.__version__}; many-prompt answer "
+          f"lengths: {source or 'not run'}, scaled to at most {args.max_answer} tokens")
+    print(f"| {'implementation':<30} | {'prompt+new tokens':>20} | {'tokens/s':>9} | {'wall s':>7} |")
+    print(f"| {'-' * 30} | {'-' * 20} | {'-' * 9} | {'-' * 7} |", flush=True)
+
+    def show(impl, what, rate, wall=None):
+        print(f"| {impl:<30} | {what:>20} | {rate:>9.1f} | {'' if wall is None else f'{wall:.1f}':>7} |", flush=True)
     model = random_model(cfg, dtype, device)
-    rows = [("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile),
-             None)]
+    show("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile))
     for ctx in args.contexts:
         rate = ours_rate(model, ctx - args.context_new_tokens, args.context_new_tokens, compile)
-        rows.append(("ours", f"{ctx - args.context_new_tokens}+{args.context_new_tokens}", rate, None))
-    source = ""
+        show("ours", f"{ctx - args.context_new_tokens}+{args.context_new_tokens}", rate)
     if args.prompts:
-        lengths, source = answer_lengths(args.prompts, args.max_answer)
         static, cont = many_prompts(model, lengths, args.slots, args.many_prompt_len, compile)
         what = f"{args.prompts} x {args.many_prompt_len}+~{sum(lengths) // len(lengths)}"
-        rows += [(f"ours, static batches of {args.slots}", what, sum(lengths) / static, static),
-                 (f"ours, continuous, {args.slots} slots", what, sum(lengths) / cont, cont)]
+        show(f"ours, static batches of {args.slots}", what, sum(lengths) / static, static)
+        show(f"ours, continuous, {args.slots} slots", what, sum(lengths) / cont, cont)
     if not args.no_hf:
         del model
         n = args.hf_new_tokens
-        rows.append(("transformers dynamic cache", f"{args.prompt_len}+{n}",
-                     hf_rate(cfg, dtype, device, args.prompt_len, n, static=False), None))
+        show("transformers dynamic cache", f"{args.prompt_len}+{n}",
+             hf_rate(cfg, dtype, device, args.prompt_len, n, static=False))
         if compile:
-            rows.append(("transformers static+compile", f"{args.prompt_len}+{n}",
-                         hf_rate(cfg, dtype, device, args.prompt_len, n, static=True), None))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\ndecoding, {args.shape} shape, {args.dtype}, {name}, torch {torch.__version__}; many-prompt answer "
-          f"lengths: {source or 'not run'}, scaled to at most {args.max_answer} tokens")
-    print(f"| {'implementation':<30} | {'prompt+new tokens':>20} | {'tokens/s':>9} | {'wall s':>7} |")
-    print(f"| {'-' * 30} | {'-' * 20} | {'-' * 9} | {'-' * 7} |")
-    for impl, what, rate, wall in rows:
-        print(f"| {impl:<30} | {what:>20} | {rate:>9.1f} | {'' if wall is None else f'{wall:.1f}':>7} |")
-
+            show("transformers static+compile", f"{args.prompt_len}+{n}",
+                 hf_rate(cfg, dtype, device, args.prompt_len, n, static=True))
 
 if __name__ == "__main__":
     main()
