@@ -695,6 +695,7 @@ class AgentConfig:
     template: str = ""                   # --checkpoint: chat template name; empty: detect from the tokenizer files
     context: int = 0                     # --checkpoint: > 0, a smaller context than the model's
     dtype: str = ""                      # --checkpoint: its weights' dtype (default: bfloat16 on CUDA, float32 on CPU)
+    device: str = ""                     # --checkpoint: empty: cuda if available, else cpu
     plan_template: str = PLAN_PROMPT
     write_template: str = WRITE_PROMPT   # with --plan skeleton and no --write-prompt: SECTION_PROMPT
     overwrite: bool = False              # start OUTPUT and its cache afresh (needed to change the settings above)
@@ -715,6 +716,9 @@ def check_config(cfg: AgentConfig):
         raise ValueError(f"--top-p {cfg.top_p:g}: a probability mass in (0, 1]")
     if cfg.section_limit < 0:
         raise ValueError(f"--section-limit {cfg.section_limit:g}: 0 (the default limit) or a positive factor")
+    if cfg.checkpoint and cfg.device:
+        from model import check_device
+        check_device(cfg.device)
     if cfg.plan == "skeleton" and not cfg.write_prompt and cfg.write_template == WRITE_PROMPT:
         cfg.write_template = SECTION_PROMPT  # a small writer follows a short, direct request best
     for name in ("plan_prompt", "write_prompt"):
@@ -773,7 +777,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     if own and cfg.checkpoint:
         # one row per item in flight, never more: each row is a whole context of cache (8,192 tokens of SmolLM2 in
         # float32: 380 MB), so --workers 64 for 2 items held 24 GB and was killed on a 23 GB machine
-        client = LocalClient(cfg.checkpoint, max_batch=max(1, min(cfg.workers, len(todo))), template=cfg.template or None,
+        client = LocalClient(cfg.checkpoint, cfg.device or None, max_batch=max(1, min(cfg.workers, len(todo))), template=cfg.template or None,
                              system=cfg.system, context=cfg.context, repetition_penalty=cfg.repetition_penalty,
                              no_repeat_ngram=cfg.no_repeat_ngram, dtype=cfg.dtype, top_p=cfg.top_p)
     elif own:

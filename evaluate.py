@@ -522,6 +522,8 @@ class EvalConfig:
     repetition_penalty: float = 1.0  # predict with --checkpoint: > 1 penalizes each answer's last 64 tokens
     no_repeat_ngram: int = 0    # predict with --checkpoint: >= 2, no answer repeats one of its own n-grams
     batch_size: int = 8         # predict with --checkpoint: rows decoded at once (continuous batching)
+    device: str = ""            # predict with --checkpoint: empty: cuda if available, else cpu
+    dtype: str = ""             # predict with --checkpoint: empty: bfloat16 on CUDA, float32 on CPU
     workers: int = 8            # endpoint calls at once
     max_retries: int = 5
     timeout: float = 600.0
@@ -556,12 +558,14 @@ def main():
             if cfg.checkpoint:
                 import torch
                 from dataset import load_tokenizer
-                from model import Transformer, compute_dtype
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+                from model import Transformer, check_device, compute_dtype
+                device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                check_device(device)
+                dtype = compute_dtype(cfg.dtype, device)
                 tok = load_tokenizer(cfg.checkpoint, cfg.template or None)
-                model = Transformer.from_pretrained(cfg.checkpoint, compute_dtype("", device), device).eval()
+                model = Transformer.from_pretrained(cfg.checkpoint, dtype, device).eval()
                 preds = predict_local(model, tok, rows, output, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                      cfg.batch_size, cfg.seed, compile=device == "cuda",
+                                      cfg.batch_size, cfg.seed, compile=torch.device(device).type == "cuda",
                                       model_id=checkpoint_identity(cfg.checkpoint), system=cfg.system,
                                       context=cfg.context, overwrite=cfg.overwrite,
                                       repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)

@@ -194,12 +194,17 @@ def test_a_device_that_is_not_there_is_refused_in_one_line(monkeypatch, tmp_path
     with pytest.raises(ValueError, match="--device 'gpu': not a device torch knows"):
         check_device("gpu")
     check_device("cpu")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "write 100 words on tides .", "length": 100}) + "\n")
     for script, args in (("generate.py", ["--checkpoint", tmp_path, "--prompt", "hi"]),
-                         ("train_sft.py", ["--out", tmp_path / "run"]), ("demo.py", ["--real", "--out", tmp_path / "d"])):
+                         ("train_sft.py", ["--out", tmp_path / "run"]), ("demo.py", ["--real", "--out", tmp_path / "d"]),
+                         ("evaluate.py", ["predict", tmp_path / "in.jsonl", "--checkpoint", tmp_path, "--output",
+                                          tmp_path / "p.jsonl"]),  # evaluate and agentwrite had no --device at all
+                         ("agentwrite.py", ["--input", tmp_path / "in.jsonl", "--checkpoint", tmp_path, "--output",
+                                            tmp_path / "a.jsonl"])):
         run = run_cli(script, *args, "--device", "gpu")
         assert run.returncode == 1 and run.stderr.strip().splitlines() == ["error: --device 'gpu': not a device torch "
                                                                            "knows (cpu, cuda, cuda:N)"], run.stderr
-    assert not (tmp_path / "run").exists() and not (tmp_path / "d").exists()
+    assert not any((tmp_path / name).exists() for name in ("run", "d", "p.jsonl", "a.jsonl", "a.jsonl.cache.jsonl"))
 
 
 def test_a_dtype_name_torch_lacks_is_refused_before_any_work(checkpoints, tmp_path):
@@ -210,6 +215,14 @@ def test_a_dtype_name_torch_lacks_is_refused_before_any_work(checkpoints, tmp_pa
     build_tokenizer(str(path), [" ".join(f"w{i}" for i in range(50))])
     run = run_cli("generate.py", "--checkpoint", path, "--prompt", "hi", "--dtype", "bf16")
     assert run.returncode == 1 and run.stderr.strip() == "error: --dtype 'bf16': choose one of float32, bfloat16, float16"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "write 100 words on tides .", "length": 100}) + "\n")
+    predict = lambda *flags: run_cli("evaluate.py", "predict", tmp_path / "in.jsonl", "--checkpoint", path, "--output",
+                                     tmp_path / "p.jsonl", "--max-new-tokens", "3", *flags)
+    run = predict("--dtype", "bf16")
+    assert run.returncode == 1 and run.stderr.strip() == "error: --dtype 'bf16': choose one of float32, bfloat16, float16"
+    assert not (tmp_path / "p.jsonl").exists()
+    run = predict("--dtype", "bfloat16", "--device", "cpu")
+    assert run.returncode == 0 and len(open(tmp_path / "p.jsonl").readlines()) == 1, run.stderr
     run = run_cli("train_sft.py", "--out", tmp_path / "run", "--export-dtype", "half", "--max-steps", "1")
     assert run.returncode == 1 and run.stderr.strip() == ("error: --export-dtype 'half': choose one of float32, "
                                                           "bfloat16, float16") and not (tmp_path / "run").exists()
