@@ -777,9 +777,10 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     if own and cfg.checkpoint:
         # one row per item in flight, never more: each row is a whole context of cache (8,192 tokens of SmolLM2 in
         # float32: 380 MB), so --workers 64 for 2 items held 24 GB and was killed on a 23 GB machine
-        client = LocalClient(cfg.checkpoint, cfg.device or None, max_batch=max(1, min(cfg.workers, len(todo))), template=cfg.template or None,
-                             system=cfg.system, context=cfg.context, repetition_penalty=cfg.repetition_penalty,
-                             no_repeat_ngram=cfg.no_repeat_ngram, dtype=cfg.dtype, top_p=cfg.top_p)
+        client = LocalClient(cfg.checkpoint, device=cfg.device or None, max_batch=max(1, min(cfg.workers, len(todo))),
+                             template=cfg.template or None, system=cfg.system, context=cfg.context,
+                             repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
+                             dtype=cfg.dtype, top_p=cfg.top_p)
     elif own:
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
                             cfg.max_retries, cfg.backoff)
