@@ -199,5 +199,6 @@ def main():
             show("transformers static+compile", f"{args.prompt_len}+{n}",
                  hf_rate(cfg, dtype, device, args.prompt_len, n, static=True))
 
+
 if __name__ == "__main__":
     main()
