@@ -285,11 +285,14 @@ class ChatClient:
     def chat(self, messages, max_tokens, temperature=0.7) -> str:
         return self.complete(messages, max_tokens, temperature)[0]
 
-    def complete(self, messages, max_tokens, temperature=0.7) -> tuple[str, str]:
-        """(text, finish_reason): "length" when the answer was cut at max_tokens (0: the server's own limit)."""
+    def complete(self, messages, max_tokens, temperature=0.7, top_p=None) -> tuple[str, str]:
+        """(text, finish_reason): "length" when the answer was cut at max_tokens (0: the server's own limit).
+        top_p None (or 1) sends none: the server's default, and models that refuse the parameter still answer."""
         body = {"model": self.model, "messages": messages, "temperature": temperature}
         if max_tokens > 0:
             body[self.cap] = max_tokens
+        if top_p is not None and top_p < 1:
+            body["top_p"] = top_p
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         problem = ""
         for attempt in range(self.max_retries + 1):

@@ -243,15 +243,21 @@ def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5,
 
 
 def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, model_id=None, overwrite=False,
-                log=print):
-    """Answer every row through an endpoint (max_new_tokens 0: the server's own limit); resumable as predict_local."""
-    settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature, None, None, "")] * len(rows)
+                log=print, top_p=None, system=""):
+    """Answer every row through an endpoint (max_new_tokens 0: the server's own limit), sampling at temperature
+    and top_p (the benchmark's own generation used 0.8; before, the endpoint got no top_p and sampled from the
+    whole distribution, silently), with `system` as a system turn when given; resumable as predict_local."""
+    top_p = top_p if top_p is not None and top_p < 1 else None  # 1 sends none, and is recorded as none
+    settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature, top_p, None,
+                                  system)] * len(rows)
     done = resume_predictions(out_path, settings, rows, overwrite, log)
     out = JsonlLog(out_path)
+    turns = [{"role": "system", "content": system}] if system else []
 
     def one(i, r):
         try:
-            text, finish = client.complete([{"role": "user", "content": r["prompt"]}], max_new_tokens, temperature)
+            text, finish = client.complete(turns + [{"role": "user", "content": r["prompt"]}], max_new_tokens,
+                                           temperature, top_p)
         except AuthError:
             raise
         except APIError as e:
@@ -291,18 +297,25 @@ def read_judge_prompt(path: str) -> str:
     return template
 
 
-def judge_one(client, instruction, response, prompt_template=JUDGE_PROMPT, attempts=3, temperature=0.5) -> dict:
+def judge_one(client, instruction, response, prompt_template=JUDGE_PROMPT, attempts=3, temperature=0.5,
+              max_tokens=2048) -> dict:
     """The six scores of one response; an unreadable verdict is asked again, up to `attempts` times. The
-    judge samples (0.5, as the official evaluation did), so that a retry is not the same answer again."""
+    judge samples (0.5, as the official evaluation did), so that a retry is not the same answer again. The
+    error quotes the start of the last verdict and says when it was cut at max_tokens: "no parseable scores"
+    alone left a user guessing whether the judge wrote prose, wrong keys, or JSON that never came."""
     prompt = judge_prompt(prompt_template, instruction, response)
     error = "no parseable scores"
     for _ in range(attempts):
         try:
-            scores = parse_judge(client.chat([{"role": "user", "content": prompt}], 2048, temperature))
+            text, finish = client.complete([{"role": "user", "content": prompt}], max_tokens, temperature)
+            scores = parse_judge(text)
         except AuthError:
             raise
         except APIError as e:
             scores, error = None, str(e)
+        else:
+            cut = f" was cut at its limit of {max_tokens} tokens and" if finish == "length" else ""
+            error = f"no parseable scores; the last verdict{cut} began {text.strip()[:160]!r}"
         if scores:
             return scores
     raise APIError(error)
@@ -332,7 +345,7 @@ def read_verdicts(path, preds, judge=None, log=print) -> dict | None:
 
 
 def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=8, attempts=3, temperature=0.5,
-              log=print) -> dict:
+              log=print, max_tokens=2048) -> dict:
     """index -> six scores, for every prediction the judge scored. Each verdict is appended to
     judged_path as it arrives with what it is of (resumable); an unreadable verdict is asked again, then
     recorded as failed."""
@@ -343,7 +356,7 @@ def judge_all(client, preds, judged_path, prompt_template=JUDGE_PROMPT, workers=
 
     def one(p):
         try:
-            scores = judge_one(client, p["prompt"], p["response"], prompt_template, attempts, temperature)
+            scores = judge_one(client, p["prompt"], p["response"], prompt_template, attempts, temperature, max_tokens)
         except AuthError:
             raise
         except APIError as e:
@@ -511,6 +524,7 @@ class EvalConfig:
     judged: str = ""            # quality: the verdict file (default: PRED.judged.jsonl)
     judge_prompt: str = ""      # a file with {instruction} and {response} (or $INST$ and $RESPONSE$) markers
     judge_temperature: float = 0.5
+    judge_max_tokens: int = 2048  # quality: the verdict's token limit (a judge that reasons first may need more)
     out: str = ""               # scores as JSON
     plot: str = ""              # report: scatter plot (.svg)
     max_new_tokens: int = 0     # predict: 0 fills the model's context (endpoint: the server's limit)
@@ -570,8 +584,12 @@ def main():
                                       context=cfg.context, overwrite=cfg.overwrite,
                                       repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
             elif cfg.model:
+                local_only = [f"--{k.replace('_', '-')}" for k in ("repetition_penalty", "no_repeat_ngram", "context",
+                              "template", "device", "dtype", "seed") if getattr(cfg, k) != getattr(EvalConfig, k)]
+                if local_only:  # the endpoint's server decides these: accepted and ignored, they misled the record
+                    ap.error(f"{', '.join(local_only)}: only with --checkpoint; an endpoint's server sets its own")
                 preds = predict_api(client(cfg.model), rows, output, cfg.max_new_tokens, cfg.temperature, cfg.workers,
-                                    overwrite=cfg.overwrite)
+                                    overwrite=cfg.overwrite, top_p=cfg.top_p, system=cfg.system)
             else:
                 ap.error("predict needs --checkpoint DIR or --api-base URL --model NAME")
             result = summary(preds)
@@ -589,7 +607,8 @@ def main():
             template = read_judge_prompt(cfg.judge_prompt) if cfg.judge_prompt else JUDGE_PROMPT
             preds = read_preds(cfg.files[0], need_response=True)
             judged = judge_all(client(cfg.model), preds, cfg.judged or cfg.files[0] + ".judged.jsonl", template,
-                               cfg.workers, temperature=cfg.judge_temperature)
+                               cfg.workers, temperature=cfg.judge_temperature,
+                               max_tokens=cfg.judge_max_tokens)
             result = summary(preds, judged)
             print(table([[os.path.basename(cfg.files[0]), result["S"], result["S_l"], result["S_q"], result["judged"]]],
                         ["predictions", "S", "S_l", "S_q", "judged"]))

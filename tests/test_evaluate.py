@@ -82,7 +82,8 @@ def test_the_quality_path_against_a_scripted_judge(tmp_path):
     assert summary(preds, judged)["S_q"] == pytest.approx((11 / 3 - 1) * 25)
     assert quality_score([judged[0]]) == 100.0
     lines = [json.loads(l) for l in open(tmp_path / "j.jsonl")]
-    assert {l["index"]: l.get("failed") for l in lines}[3] == "no parseable scores"
+    # the failure quotes what the judge wrote, so that a user can see why it was unreadable
+    assert {l["index"]: l.get("failed") for l in lines}[3] == "no parseable scores; the last verdict began 'I refuse to score.'"
     calls = len(server.calls)
     judge_all(client, preds[:3], str(tmp_path / "j.jsonl"), log=lambda s: None)  # resumed: nothing to ask
     assert len(server.calls) == calls
@@ -241,6 +242,32 @@ def test_predictions_of_a_thinking_model_count_only_the_answer(tmp_path):
     assert pred["response"] == "wave " * 10 and pred["response_length"] == 10
 
 
+def test_predict_through_an_endpoint_sends_top_p_and_the_system_turn_and_refuses_local_flags(tmp_path):
+    """The endpoint got neither --top-p (0.8 by default, the benchmark's) nor --system, and --repetition-penalty
+    and the like were taken without a word: the answers were sampled otherwise than the record said."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"prompt": "write 10 words about the sea .", "type": "T", "length": 10}) + "\n")
+    server = ChatServer(lambda c: "wave " * 10)
+    base = ["evaluate.py", "predict", bench, "--model", "m", "--api-base", server.url, "--max-retries", "0"]
+    run = run_cli(*base, "--output", tmp_path / "a.jsonl", "--system", "Be brief.")
+    run2 = run_cli(*base, "--output", tmp_path / "b.jsonl", "--top-p", "1")
+    refused = [run_cli(*base, "--output", tmp_path / "c.jsonl", *flags) for flags in
+               (["--repetition-penalty", "1.1"], ["--no-repeat-ngram", "10", "--device", "cpu"])]
+    server.close()
+    assert run.returncode == 0 and run2.returncode == 0, run.stderr + run2.stderr
+    first, second = (c["body"] for c in server.calls)
+    assert first["top_p"] == 0.8 and first["temperature"] == 0.5
+    assert first["messages"] == [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "write 10 words about the sea ."}]
+    assert "top_p" not in second and [m["role"] for m in second["messages"]] == ["user"]
+    [pred] = [json.loads(l) for l in open(tmp_path / "a.jsonl")]
+    assert pred["generation"]["top_p"] == 0.8 and pred["generation"]["system"] == "Be brief."
+    assert json.loads(open(tmp_path / "b.jsonl").readline())["generation"]["top_p"] is None
+    assert refused[0].returncode == 2 and "--repetition-penalty: only with --checkpoint" in refused[0].stderr
+    assert "--no-repeat-ngram, --device: only with --checkpoint" in refused[1].stderr
+    assert len(server.calls) == 2 and not (tmp_path / "c.jsonl").exists()
+
+
 def test_joined_prediction_files_and_extra_files_are_refused_not_scored(tmp_path):
     """`cat a b > all` counted every row twice (n 6 of 3) and judged both with one verdict; `length a b`
     scored a alone without a word about b."""
@@ -294,6 +321,21 @@ def test_judge_prompts_take_either_marker_style_and_refuse_neither(tmp_path):
     preds = preds_file(tmp_path / "p.jsonl", PREDS)
     run = run_cli("evaluate.py", "quality", preds, "--model", "j", "--judge-prompt", bad, "--api-base", "http://127.0.0.1:9/v1")
     assert run.returncode != 0 and "judge.txt: the judge prompt needs both" in run.stderr
+
+
+def test_a_verdict_cut_at_the_judge_token_limit_says_so(tmp_path):
+    """SmolLM2-135M as the judge wrote a page of prose until its limit: the failure said only "no parseable
+    scores". A judge that reasons before its JSON fails the same way, and the fix is a larger limit."""
+    start = json.dumps({k: 4 for k in DIMENSIONS})[:30]
+    cut = {"choices": [{"message": {"role": "assistant", "content": "Analysis: good.\n" + start}, "finish_reason": "length"}]}
+    server = ChatServer(lambda c: "", lambda call: (200, json.dumps(cut), {}, 0))
+    client = ChatClient(server.url, "judge", "", timeout=5, max_retries=0)
+    path, lines = str(tmp_path / "j.jsonl"), []
+    assert judge_all(client, [{"index": 0, **PREDS[0]}], path, attempts=2, log=lines.append, max_tokens=300) == {}
+    assert [c["body"]["max_tokens"] for c in server.calls] == [300, 300]
+    assert lines == [f"quality: prediction 0 not judged: no parseable scores; the last verdict was cut at its limit of "
+                     f"300 tokens and began {'Analysis: good.' + chr(10) + start!r}"]
+    server.close()
 
 
 def test_the_judge_samples_so_that_a_retry_can_differ(tmp_path):
