@@ -269,13 +269,15 @@ class ChatClient:
     """POST /v1/chat/completions with retries: timeouts, connection errors, 429 (Retry-After honoured),
     5xx and malformed bodies back off exponentially with jitter; other 4xx stop at once."""
 
-    def __init__(self, api_base, model, api_key, timeout=600.0, max_retries=5, backoff=1.0):
+    def __init__(self, api_base, model, api_key, timeout=600.0, max_retries=5, backoff=1.0, top_p=None):
         if not api_base.startswith(("http://", "https://")):  # empty: every call failed on "Invalid URL"
             raise ValueError(f"--api-base {api_base!r}: the URL of an OpenAI-compatible endpoint (http://host:port/v1) "
                              f"is needed to call {model!r}")
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff = max_retries, backoff
+        # None or 1 sends none: the server's default, and models that refuse the parameter still answer
+        self.top_p = top_p if top_p is not None and top_p < 1 else None
         self.session = requests.Session()
         self.cap = "max_tokens"  # newer OpenAI models (o-series, gpt-5) take it as "max_completion_tokens" only
 
@@ -285,14 +287,13 @@ class ChatClient:
     def chat(self, messages, max_tokens, temperature=0.7) -> str:
         return self.complete(messages, max_tokens, temperature)[0]
 
-    def complete(self, messages, max_tokens, temperature=0.7, top_p=None) -> tuple[str, str]:
-        """(text, finish_reason): "length" when the answer was cut at max_tokens (0: the server's own limit).
-        top_p None (or 1) sends none: the server's default, and models that refuse the parameter still answer."""
+    def complete(self, messages, max_tokens, temperature=0.7) -> tuple[str, str]:
+        """(text, finish_reason): "length" when the answer was cut at max_tokens (0: the server's own limit)."""
         body = {"model": self.model, "messages": messages, "temperature": temperature}
         if max_tokens > 0:
             body[self.cap] = max_tokens
-        if top_p is not None and top_p < 1:
-            body["top_p"] = top_p
+        if self.top_p is not None:
+            body["top_p"] = self.top_p
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         problem = ""
         for attempt in range(self.max_retries + 1):
@@ -680,7 +681,7 @@ class AgentConfig:
     timeout: float = 600.0               # seconds per call
     backoff: float = 1.0
     temperature: float = 0.7
-    top_p: float = 0.8                   # --checkpoint: nucleus sampling (generate.py's default)
+    top_p: float = 0.8                   # nucleus sampling (generate.py's default); an endpoint is sent none at 1
     plan: str = "model"                  # model: the writer plans (the paper's way); skeleton: the code lays out
                                          # sections and counts from the asked length (for small local writers)
     section_words: int = 350             # --plan skeleton: about this many words a section
@@ -719,6 +720,10 @@ def check_config(cfg: AgentConfig):
         raise ValueError(f"--top-p {cfg.top_p:g}: a probability mass in (0, 1]")
     if cfg.section_limit < 0:
         raise ValueError(f"--section-limit {cfg.section_limit:g}: 0 (the default limit) or a positive factor")
+    local_only = [f"--{k.replace('_', '-')}" for k in ("repetition_penalty", "no_repeat_ngram", "system", "template",
+                  "context", "dtype", "device") if getattr(cfg, k) != getattr(AgentConfig, k)]
+    if local_only and not cfg.checkpoint:  # accepted and ignored, yet recorded as the writer's settings
+        raise ValueError(f"{', '.join(local_only)}: only with --checkpoint; an endpoint's server sets its own")
     if cfg.checkpoint and cfg.device:
         from model import check_device
         check_device(cfg.device)
@@ -786,7 +791,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
                              dtype=cfg.dtype, top_p=cfg.top_p)
     elif own:
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
-                            cfg.max_retries, cfg.backoff)
+                            cfg.max_retries, cfg.backoff, top_p=cfg.top_p)
     counts = {"done": 0, "failed": 0, "dropped": 0, "skipped": len(items) - len(todo), "words": 0}
     lock, t0 = threading.Lock(), time.time()
 

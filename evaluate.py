@@ -243,13 +243,12 @@ def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5,
 
 
 def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, model_id=None, overwrite=False,
-                log=print, top_p=None, system=""):
+                log=print, system=""):
     """Answer every row through an endpoint (max_new_tokens 0: the server's own limit), sampling at temperature
-    and top_p (the benchmark's own generation used 0.8; before, the endpoint got no top_p and sampled from the
-    whole distribution, silently), with `system` as a system turn when given; resumable as predict_local."""
-    top_p = top_p if top_p is not None and top_p < 1 else None  # 1 sends none, and is recorded as none
-    settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature, top_p, None,
-                                  system)] * len(rows)
+    and the client's top_p (the benchmark's own generation used 0.8; before, the endpoint got none and sampled
+    from the whole distribution, silently), with `system` as a system turn when given; resumable as predict_local."""
+    settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature,
+                                  getattr(client, "top_p", None), None, system)] * len(rows)
     done = resume_predictions(out_path, settings, rows, overwrite, log)
     out = JsonlLog(out_path)
     turns = [{"role": "system", "content": system}] if system else []
@@ -257,7 +256,7 @@ def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, mo
     def one(i, r):
         try:
             text, finish = client.complete(turns + [{"role": "user", "content": r["prompt"]}], max_new_tokens,
-                                           temperature, top_p)
+                                           temperature)
         except AuthError:
             raise
         except APIError as e:
@@ -550,8 +549,8 @@ def main():
     ap.add_argument("command", choices=["predict", "length", "quality", "ruler", "report"])
     ap.add_argument("files", nargs="+")
     cfg = EvalConfig(**vars(add_flags(ap, EvalConfig, skip=("command", "files")).parse_args()))
-    client = lambda model: ChatClient(cfg.api_base, model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
-                                      cfg.max_retries)
+    client = lambda model, top_p=None: ChatClient(cfg.api_base, model, os.environ.get(cfg.api_key_env, ""), cfg.timeout,
+                                                  cfg.max_retries, top_p=top_p)
     if len(cfg.files) > 1 and cfg.command != "report":  # the others read the first file and said nothing of the rest
         ap.error(f"{cfg.command} takes one file, not {len(cfg.files)}; `report` compares several")
     for flag, value in (("--batch-size", cfg.batch_size), ("--workers", cfg.workers)):
@@ -588,8 +587,8 @@ def main():
                               "template", "device", "dtype", "seed") if getattr(cfg, k) != getattr(EvalConfig, k)]
                 if local_only:  # the endpoint's server decides these: accepted and ignored, they misled the record
                     ap.error(f"{', '.join(local_only)}: only with --checkpoint; an endpoint's server sets its own")
-                preds = predict_api(client(cfg.model), rows, output, cfg.max_new_tokens, cfg.temperature, cfg.workers,
-                                    overwrite=cfg.overwrite, top_p=cfg.top_p, system=cfg.system)
+                preds = predict_api(client(cfg.model, cfg.top_p), rows, output, cfg.max_new_tokens, cfg.temperature,
+                                    cfg.workers, overwrite=cfg.overwrite, system=cfg.system)
             else:
                 ap.error("predict needs --checkpoint DIR or --api-base URL --model NAME")
             result = summary(preds)

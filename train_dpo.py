@@ -57,7 +57,7 @@ class DPOConfig(TrainConfig):
     samples: int = 4            # answers sampled per instruction
     max_new_tokens: int = 0     # per sample; 0 fills the model's context (an endpoint: its own limit)
     temperature: float = 0.8
-    top_p: float = 1.0          # --model in-process sampling only: nucleus sampling (1.0: off)
+    top_p: float = 1.0          # nucleus sampling (1.0: off; an endpoint sampler is then sent none)
     repetition_penalty: float = 1.0  # --model only: > 1 penalizes each answer's last 64 tokens (1.1 for small models)
     no_repeat_ngram: int = 0    # --model only: >= 2, no answer repeats one of its own n-grams
     api_base: str = os.environ.get("OPENAI_BASE_URL", "")
@@ -244,11 +244,12 @@ def sampling_settings(cfg: DPOConfig, local: bool) -> dict:
     """What decides a sample's text. Cached samples are reused only under the same ones: pairs from another
     checkpoint's answers (a rerun after a new SFT) would otherwise train DPO on them unseen."""
     if not local:
-        if (cfg.top_p, cfg.repetition_penalty, cfg.no_repeat_ngram) != (1.0, 1.0, 0):
-            raise ValueError("--top-p, --repetition-penalty and --no-repeat-ngram apply to in-process sampling with "
-                             "--model; an endpoint decodes with its own settings")
+        if (cfg.repetition_penalty, cfg.no_repeat_ngram) != (1.0, 0):
+            raise ValueError("--repetition-penalty and --no-repeat-ngram apply to in-process sampling with --model; "
+                             "an endpoint decodes with its own settings")
         who = endpoint_identity(cfg.api_base, cfg.sampler_model) if cfg.sampler_model else {"sampler": "given by the caller"}
-        return {**who, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "system": cfg.system}
+        return {**who, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "system": cfg.system,
+                **({"top_p": cfg.top_p} if cfg.top_p < 1 else {})}  # only when sent: older caches stay valid
     forced = cfg.template and load_tokenizer(cfg.tokenizer or cfg.model, cfg.template).forced  # other prompts
     return {**checkpoint_identity(cfg.model), **({"template": cfg.template} if forced else {}),
             "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -284,7 +285,7 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
                          "write to another file")
     key = os.environ.get(cfg.api_key_env, "")
     if sampler is None and cfg.sampler_model:
-        sampler = ChatClient(cfg.api_base, cfg.sampler_model, key)
+        sampler = ChatClient(cfg.api_base, cfg.sampler_model, key, top_p=cfg.top_p)
     if judge is None and cfg.judge_model:
         judge = ChatClient(cfg.api_base, cfg.judge_model, key)
     local = sampler is None
@@ -310,7 +311,8 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     def call(index, k, prompt, what):
         try:
             if what == "sample":
-                text, finish = sampler.complete([{"role": "user", "content": prompt}], cfg.max_new_tokens,
+                turns = [{"role": "system", "content": cfg.system}] if cfg.system else []  # recorded, so sent
+                text, finish = sampler.complete(turns + [{"role": "user", "content": prompt}], cfg.max_new_tokens,
                                                 cfg.temperature)
                 samples.setdefault(index, {})[k] = (text, finish)
                 cache.append({"index": index, "kind": "sample", "k": k, "prompt": prompt, "text": text,

@@ -647,6 +647,23 @@ class CountingWriter(RamblingWriter):
         return super().complete(messages, max_tokens, temperature)
 
 
+def test_an_endpoint_writer_is_sent_top_p_and_the_local_decoding_flags_are_refused(inputs, tmp_path):
+    """--top-p was recorded as the writer's setting (0.8) but an endpoint was never sent it, and --repetition-penalty,
+    --system and the like were recorded too, then ignored: the cache claimed settings the text was not made with."""
+    server = ChatServer(default_answer)
+    assert run(config(server, inputs, tmp_path), log=quiet)["done"] == 3
+    assert {c["body"].get("top_p") for c in server.calls} == {0.8}
+    calls = len(server.calls)
+    assert run(config(server, inputs, tmp_path, output=str(tmp_path / "b.jsonl"), top_p=1.0), log=quiet)["done"] == 3
+    assert all("top_p" not in c["body"] for c in server.calls[calls:])  # 1: the server's own default
+    for kw, flags in (({"repetition_penalty": 1.1}, "--repetition-penalty"),
+                      ({"system": "Be brief.", "device": "cpu"}, "--system, --device")):
+        with pytest.raises(ValueError, match=f"{flags}: only with --checkpoint"):
+            run(config(server, inputs, tmp_path, output=str(tmp_path / "c.jsonl"), **kw), log=quiet)
+    assert not (tmp_path / "c.jsonl").exists()
+    server.close()
+
+
 def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_afresh(tmp_path):
     inputs, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")

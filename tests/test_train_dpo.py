@@ -12,6 +12,7 @@ import torch
 
 from dataset import Tokenizer, load_packed
 from model import ModelConfig, Transformer
+from chat_server import ChatServer
 from train_dpo import DPOConfig, build_pairs, builtin_dpo_data, dpo_loss, pick_pair, sequence_logps, train
 
 
@@ -86,6 +87,24 @@ class Scripted:
         n = self.lengths[self.calls % len(self.lengths)]
         self.calls += 1
         return " ".join(["word"] * n), "stop"
+
+
+def test_an_endpoint_sampler_is_sent_the_system_turn_and_top_p_it_is_recorded_with(tmp_path):
+    """--system was recorded as a sample's setting but never sent to a --sampler-model endpoint, and --top-p was
+    refused there although the endpoint takes it."""
+    server = ChatServer(lambda c: "word " * (40 if len(c) % 2 else 200))
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 100-word note."}) + "\n")
+    cfg = lambda **kw: DPOConfig(**{"build_pairs": str(inputs), "pairs_out": str(tmp_path / "pairs.jsonl"), "samples": 2,
+                                    "workers": 1, "api_base": server.url, "sampler_model": "m", **kw})
+    build_pairs(cfg(system="Be brief.", top_p=0.9), log=lambda s: None)
+    assert [c["body"]["messages"][0] for c in server.calls] == [{"role": "system", "content": "Be brief."}] * 2
+    assert [c["body"]["top_p"] for c in server.calls] == [0.9, 0.9]
+    cached = [json.loads(l) for l in open(tmp_path / "pairs.jsonl.samples.jsonl")]
+    assert {(r["generation"]["system"], r["generation"]["top_p"]) for r in cached if "generation" in r} == {("Be brief.", 0.9)}
+    with pytest.raises(ValueError, match="--repetition-penalty and --no-repeat-ngram apply to in-process sampling"):
+        build_pairs(cfg(repetition_penalty=1.1, pairs_out=str(tmp_path / "other.jsonl")), log=lambda s: None)
+    server.close()
 
 
 def test_pair_building_picks_the_answer_whose_length_is_closest_to_the_request(tmp_path):
