@@ -353,7 +353,8 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
             cache.append({"index": index, "kind": "no_pair", "generation": generation})
         else:
             chosen, rejected, (sc, sr) = pair
-            out.append({"index": index, "prompt": prompt, "length": required, "chosen": chosen, "rejected": rejected,
+            turns = [{"role": "system", "content": cfg.system}, {"role": "user", "content": prompt}] if cfg.system else prompt
+            out.append({"index": index, "prompt": turns, "length": required, "chosen": chosen, "rejected": rejected,
                         "chosen_score": sc, "rejected_score": sr})
         counts["pairs" if pair else "no_pair"] += 1
     log(f"pairs: {counts['pairs']} written, {counts['no_pair']} without a clear preference (every answer cut at the "

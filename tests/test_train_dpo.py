@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import Tokenizer, load_packed
+from dataset import Tokenizer, load_packed, parse_dpo
 from model import ModelConfig, Transformer
 from chat_server import ChatServer
 from train_dpo import DPOConfig, build_pairs, builtin_dpo_data, dpo_loss, pick_pair, sequence_logps, train
@@ -92,7 +92,8 @@ class Scripted:
 def test_an_endpoint_sampler_is_sent_the_system_turn_and_top_p_it_is_recorded_with(tmp_path):
     """--system was recorded as a sample's setting but never sent to a --sampler-model endpoint, and --top-p was
     refused there although the endpoint takes it."""
-    server = ChatServer(lambda c: "word " * (40 if len(c) % 2 else 200))
+    lengths = iter([100, 300])
+    server = ChatServer(lambda c: "word " * next(lengths) + "end.")
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"prompt": "Write a 100-word note."}) + "\n")
     cfg = lambda **kw: DPOConfig(**{"build_pairs": str(inputs), "pairs_out": str(tmp_path / "pairs.jsonl"), "samples": 2,
@@ -102,6 +103,10 @@ def test_an_endpoint_sampler_is_sent_the_system_turn_and_top_p_it_is_recorded_wi
     assert [c["body"]["top_p"] for c in server.calls] == [0.9, 0.9]
     cached = [json.loads(l) for l in open(tmp_path / "pairs.jsonl.samples.jsonl")]
     assert {(r["generation"]["system"], r["generation"]["top_p"]) for r in cached if "generation" in r} == {("Be brief.", 0.9)}
+    # DPO trains on the prompt the answers were sampled under, system turn included (it took the template's default)
+    [pair] = [json.loads(l) for l in open(tmp_path / "pairs.jsonl")]
+    assert pair["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a 100-word note."}]
+    assert parse_dpo(pair)[0] == pair["prompt"] and pair["chosen"].startswith("word ") and pair["chosen_score"] > 99
     with pytest.raises(ValueError, match="--repetition-penalty and --no-repeat-ngram apply to in-process sampling"):
         build_pairs(cfg(repetition_penalty=1.1, pairs_out=str(tmp_path / "other.jsonl")), log=lambda s: None)
     server.close()
