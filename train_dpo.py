@@ -279,6 +279,9 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     --sampler-model) is given; then --workers calls run at once."""
     if cfg.samples < 2:  # sampled all the same, then "no clear preference" for every instruction
         raise ValueError(f"--samples {cfg.samples}: a pair needs at least 2 answers to an instruction")
+    if cfg.temperature <= 0:  # greedy: K copies of one answer, every instruction "without a clear preference"
+        raise ValueError(f"--temperature {cfg.temperature:g}: the samples of an instruction would all be the same answer; "
+                         "a pair needs them to differ (0.8 by default)")
     records, _ = read_jsonl(cfg.build_pairs, parse_pair_instruction)
     if os.path.realpath(cfg.pairs_out) == os.path.realpath(cfg.build_pairs):
         raise ValueError(f"--pairs-out {cfg.pairs_out}: the --build-pairs file, which writing there would destroy: "

@@ -107,6 +107,8 @@ def test_an_endpoint_sampler_is_sent_the_system_turn_and_top_p_it_is_recorded_wi
     [pair] = [json.loads(l) for l in open(tmp_path / "pairs.jsonl")]
     assert pair["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a 100-word note."}]
     assert parse_dpo(pair)[0] == pair["prompt"] and pair["chosen"].startswith("word ") and pair["chosen_score"] > 99
+    with pytest.raises(ValueError, match="--temperature 0: the samples of an instruction would all be the same"):
+        build_pairs(cfg(temperature=0.0, pairs_out=str(tmp_path / "other.jsonl")), log=lambda s: None)
     with pytest.raises(ValueError, match="--repetition-penalty and --no-repeat-ngram apply to in-process sampling"):
         build_pairs(cfg(repetition_penalty=1.1, pairs_out=str(tmp_path / "other.jsonl")), log=lambda s: None)
     server.close()
