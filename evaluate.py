@@ -483,7 +483,8 @@ def report(pred_paths: list[str], judged_paths: list[str] | None = None, plot: s
         preds = read_preds(path)
         jp = (judged_paths or [None] * len(pred_paths))[k] or path + ".judged.jsonl"
         judged = read_verdicts(jp, preds, log=log)
-        results[path] = {"breakdown": breakdown(preds, judged), "points": [(p["length"], p["response_length"]) for p in preds]}
+        results[path] = {"breakdown": breakdown(preds, judged), "points": [(p["length"], p["response_length"]) for p in preds],
+                         "asked": {(p["prompt"], p["length"]) for p in preds}}
     names = dict(zip(pred_paths, short_names(pred_paths)))
     metrics = ["S", "S_l", "S_q"] if any("S_q" in r["breakdown"]["overall"] for r in results.values()) else ["S_l"]
     rows = []
@@ -493,6 +494,11 @@ def report(pred_paths: list[str], judged_paths: list[str] | None = None, plot: s
             if cell:  # cut: answers that hit the token limit ("?" when the file does not say)
                 rows.append([col, names[path], cell["n"], cell.get("cut", "?")] + [cell.get(m) for m in metrics])
     log(table(rows, ["required length", "predictions", "n", "cut"] + metrics))
+    asked = [r["asked"] for r in results.values()]
+    if any(a != asked[0] for a in asked):  # e.g. one file made with predict --limit 20: other prompts, other scores
+        sizes = ", ".join(f"{names[p]} {r['breakdown']['overall']['n']}" for p, r in results.items())
+        log(f"note: the files answer different requests ({sizes}; {len(set.intersection(*asked))} in all of them): "
+            "their rows do not compare the same prompts")
     for path, r in results.items():
         for key in ("type", "language"):
             group = r["breakdown"][key]

@@ -150,6 +150,7 @@ def test_side_by_side_report_of_two_files(tmp_path):
     lines = []
     out = report([a, b], log=lines.append)
     table = lines[0].splitlines()
+    assert not any(l.startswith("note:") for l in lines)  # the same requests: nothing to say
     assert "a.jsonl" in table[2] and "b.jsonl" in table[3] and table[3].rstrip(" |").endswith("100.0")
     assert out["files"][b]["overall"]["S_l"] == 100.0
 
@@ -377,6 +378,9 @@ def test_reports_tell_same_named_files_apart_and_plots_are_valid_xml(tmp_path):
     table = lines[0].splitlines()
     assert any("a/pred.jsonl" in l for l in table) and any("b/pred.jsonl" in l for l in table)
     assert set(out["files"]) == {a, b, odd} and out["files"][b]["overall"]["S_l"] == 100.0
+    # the third file answers 3 of the 4 requests: said, since its scores are over other prompts
+    assert lines[1] == "note: the files answer different requests (a/pred.jsonl 4, b/pred.jsonl 4, r&d<v2>.jsonl 3; " \
+                       "3 in all of them): their rows do not compare the same prompts"
     assert table[0].split("|")[3].strip() == "n" and max(len(l) for l in lines[0].splitlines()) < 100
     svg = ET.fromstring(open(tmp_path / "plot.svg").read())  # a legend of "r&d<v2>.jsonl" must not break it
     texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
