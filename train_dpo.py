@@ -391,6 +391,13 @@ def main():
             print(f"{counts['pairs']} pairs -> {cfg.pairs_out} ({counts['no_pair']} instructions without a "
                   f"preference, {counts['failed']} failed" + (f"; {counts['earlier']} instructions done by an earlier "
                   "run, kept as they are" if counts["earlier"] else "") + ")")
+            # a pipeline (build, then train) stops here, not at "data file not found" or on fewer pairs than asked for
+            if counts["failed"]:
+                sys.exit(f"error: {counts['failed']} instructions failed (the errors are above); the same command "
+                         "again retries only them")
+            if not os.path.isfile(cfg.pairs_out) or os.path.getsize(cfg.pairs_out) == 0:
+                sys.exit(f"error: no pair was written to {cfg.pairs_out}: nothing to train DPO on (more --samples, "
+                         "a lower --min-margin, or a larger --max-new-tokens if the answers were cut)")
         else:
             train(cfg)
     except (FileNotFoundError, ValueError, FloatingPointError, APIError) as e:

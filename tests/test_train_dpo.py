@@ -114,6 +114,26 @@ def test_an_endpoint_sampler_is_sent_the_system_turn_and_top_p_it_is_recorded_wi
     server.close()
 
 
+def test_the_pair_tool_exits_nonzero_when_instructions_failed_or_no_pair_was_written(tmp_path):
+    """It printed "0 pairs -> pairs.jsonl" and exited 0 without writing the file, and a failed instruction also
+    exited 0: a script that builds pairs, then trains, stopped only at "data file not found"."""
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 100-word note."}) + "\n" + json.dumps({"prompt": "Fail, 90 words."}) + "\n")
+    fail = lambda call: (400, '{"error": "bad request"}', {}, 0) if "Fail" in call["content"] else None
+    server = ChatServer(lambda c: "the same answer every time.", fail)
+    cli = lambda *extra: subprocess.run([sys.executable, "train_dpo.py", "--build-pairs", str(inputs), "--sampler-model", "m",
+                                         "--api-base", server.url, "--pairs-out", str(tmp_path / "pairs.jsonl"),
+                                         "--samples", "2", *extra],
+                                        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    run = cli()
+    assert run.returncode == 1 and "error: 1 instructions failed" in run.stderr and "HTTP 400" in run.stdout
+    server.behave = lambda call: None  # the failed one answers now, as every other: no pair anywhere
+    run = cli()
+    assert run.returncode == 1 and "error: no pair was written to" in run.stderr and "nothing to train DPO on" in run.stderr
+    assert not (tmp_path / "pairs.jsonl").exists()
+    server.close()
+
+
 def test_pair_building_picks_the_answer_whose_length_is_closest_to_the_request(tmp_path):
     chosen, rejected, (sc, sr) = pick_pair(100, ["w " * 50, "w " * 95, "w " * 300, "w " * 120])
     assert len(chosen.split()) == 95 and len(rejected.split()) == 300  # S_l 94.7 vs 33.3
