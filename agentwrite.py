@@ -705,6 +705,11 @@ class AgentConfig:
     overwrite: bool = False              # start OUTPUT and its cache afresh (needed to change the settings above)
 
 
+def changed_flags(cfg, names) -> list[str]:
+    """The flags among these config fields that were set away from their defaults, spelled as typed."""
+    return [f"--{k.replace('_', '-')}" for k in names if getattr(cfg, k) != getattr(type(cfg), k)]
+
+
 def check_config(cfg: AgentConfig):
     """Refuse settings under which every item would fail or be dropped, before any call; read the prompt files."""
     if cfg.plan not in ("model", "skeleton"):
@@ -720,8 +725,8 @@ def check_config(cfg: AgentConfig):
         raise ValueError(f"--top-p {cfg.top_p:g}: a probability mass in (0, 1]")
     if cfg.section_limit < 0:
         raise ValueError(f"--section-limit {cfg.section_limit:g}: 0 (the default limit) or a positive factor")
-    local_only = [f"--{k.replace('_', '-')}" for k in ("repetition_penalty", "no_repeat_ngram", "system", "template",
-                  "context", "dtype", "device") if getattr(cfg, k) != getattr(AgentConfig, k)]
+    local_only = changed_flags(cfg, ("repetition_penalty", "no_repeat_ngram", "system", "template", "context", "dtype",
+                                     "device"))
     if local_only and not cfg.checkpoint:  # accepted and ignored, yet recorded as the writer's settings
         raise ValueError(f"{', '.join(local_only)}: only with --checkpoint; an endpoint's server sets its own")
     if cfg.checkpoint and cfg.device:

@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from agentwrite import APIError, AuthError, ChatClient, JsonlLog, checkpoint_identity, settings_diff, stop_odds_record
+from agentwrite import (APIError, AuthError, ChatClient, JsonlLog, changed_flags, checkpoint_identity, settings_diff,
+                        stop_odds_record)
 from dataset import DataError, count_words, read_jsonl
 from model import write_json
 
@@ -247,8 +248,8 @@ def predict_api(client, rows, out_path, max_new_tokens, temperature, workers, mo
     """Answer every row through an endpoint (max_new_tokens 0: the server's own limit), sampling at temperature
     and the client's top_p (the benchmark's own generation used 0.8; before, the endpoint got none and sampled
     from the whole distribution, silently), with `system` as a system turn when given; resumable as predict_local."""
-    settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature,
-                                  getattr(client, "top_p", None), None, system)] * len(rows)
+    settings = [generation_record(model_id or {"model": client.model}, max_new_tokens, temperature, client.top_p, None,
+                                  system)] * len(rows)
     done = resume_predictions(out_path, settings, rows, overwrite, log)
     out = JsonlLog(out_path)
     turns = [{"role": "system", "content": system}] if system else []
@@ -589,8 +590,8 @@ def main():
                                       context=cfg.context, overwrite=cfg.overwrite,
                                       repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
             elif cfg.model:
-                local_only = [f"--{k.replace('_', '-')}" for k in ("repetition_penalty", "no_repeat_ngram", "context",
-                              "template", "device", "dtype", "seed") if getattr(cfg, k) != getattr(EvalConfig, k)]
+                local_only = changed_flags(cfg, ("repetition_penalty", "no_repeat_ngram", "context", "template", "device",
+                                                 "dtype", "seed"))
                 if local_only:  # the endpoint's server decides these: accepted and ignored, they misled the record
                     ap.error(f"{', '.join(local_only)}: only with --checkpoint; an endpoint's server sets its own")
                 preds = predict_api(client(cfg.model, cfg.top_p), rows, output, cfg.max_new_tokens, cfg.temperature,

@@ -311,12 +311,13 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
     todo = [(i, k, prompt) for i, prompt, _ in items for k in range(cfg.samples) if k not in samples.get(i, {})]
     failed = {}  # index -> error
 
+    def turns(prompt):  # --system is recorded with the samples, so it is sent, and trained on with the pair
+        return ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": prompt}]
+
     def call(index, k, prompt, what):
         try:
             if what == "sample":
-                turns = [{"role": "system", "content": cfg.system}] if cfg.system else []  # recorded, so sent
-                text, finish = sampler.complete(turns + [{"role": "user", "content": prompt}], cfg.max_new_tokens,
-                                                cfg.temperature)
+                text, finish = sampler.complete(turns(prompt), cfg.max_new_tokens, cfg.temperature)
                 samples.setdefault(index, {})[k] = (text, finish)
                 cache.append({"index": index, "kind": "sample", "k": k, "prompt": prompt, "text": text,
                               "finish_reason": finish, "generation": generation})
@@ -356,8 +357,7 @@ def build_pairs(cfg: DPOConfig, sampler=None, judge=None, log=print) -> dict:
             cache.append({"index": index, "kind": "no_pair", "generation": generation})
         else:
             chosen, rejected, (sc, sr) = pair
-            turns = [{"role": "system", "content": cfg.system}, {"role": "user", "content": prompt}] if cfg.system else prompt
-            out.append({"index": index, "prompt": turns, "length": required, "chosen": chosen, "rejected": rejected,
+            out.append({"index": index, "prompt": turns(prompt) if cfg.system else prompt, "length": required, "chosen": chosen, "rejected": rejected,
                         "chosen_score": sc, "rejected_score": sr})
         counts["pairs" if pair else "no_pair"] += 1
     log(f"pairs: {counts['pairs']} written, {counts['no_pair']} without a clear preference (every answer cut at the "
