@@ -681,8 +681,17 @@ def load_packed(data, tok: Tokenizer, max_tokens=32768, mode="pack", truncate=Fa
         log(f"{data}: packed cache not written ({e.strerror}: {e.filename}); the rows stay in memory")
     log(f"{data}: {len(units)} records ({bad} bad lines skipped), {over} longer than {max_tokens} tokens "
         f"{f'truncated ({no_target} of them dropped: the prompt filled the row)' if truncate else 'skipped'}; zero-width characters removed from {zero_width} answers; "
-        f"{len(packed)} rows, {len(packed.ids)} tokens, packing efficiency {packed.efficiency():.1%}")
+        f"{len(packed)} rows, {len(packed.ids)} tokens, {rows_text(packed, mode)}")
     return packed
+
+
+def rows_text(packed: Packed, mode: str) -> str:
+    """How full the rows are. Rows are never padded, so in "sorted" mode (one conversation a row) the unused capacity
+    costs nothing and a "packing efficiency" of, say, 9% would only mislead: say how long the rows are instead."""
+    if mode == "pack":
+        return f"packing efficiency {packed.efficiency():.1%}"
+    sizes = np.diff(packed.doc_offsets[packed.row_docs]) if len(packed) else np.zeros(1, dtype=np.int64)
+    return f"one conversation a row (no padding), {sizes.min()}-{sizes.max()} tokens, mean {sizes.mean():.0f}"
 
 
 

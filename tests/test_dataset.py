@@ -316,6 +316,8 @@ def test_zero_width_characters_are_removed_from_answers_and_counted(tmp_path):
     logs = []
     packed = load_packed(str(dirty), Tokenizer(tok_dir), max_tokens=4096, mode="sorted", log=logs.append)
     assert "zero-width characters removed from 1 answers" in logs[0]
+    sizes = np.diff(packed.doc_offsets)  # sorted: no "packing efficiency" (rows are unpadded), the rows' lengths
+    assert "efficiency" not in logs[0] and f"one conversation a row (no padding), {sizes.min()}-{sizes.max()}" in logs[0]
     tok = Tokenizer(tok_dir)
     answer = tok.encode(" " + clean + "</s>")
     assert any(np.array_equal(packed.ids[a:b][-len(answer):], answer)
