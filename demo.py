@@ -416,6 +416,13 @@ def longest_repeat(text: str, unit="sentence") -> int:
     return best
 
 
+def run_together(text: str, letters=25) -> int:
+    """Runs of 25 or more Latin letters with no space: words glued together ("basedoncarbonmittedfromcoal..."), one
+    way the fine-tuned 135M model's text drifts. Neither repeat check sees it, and the word count shrinks rather than
+    grows; no English word in use is that long."""
+    return len(re.findall(rf"[A-Za-z]{{{letters},}}", text))
+
+
 def passage(text: str, head=90, tail=40) -> str:
     """The answer's first `head` and last `tail` words (how it starts and how it ends)."""
     words = text.split()
@@ -559,17 +566,21 @@ def run_real(cfg: RealConfig, writer=None):
     i = max(range(len(asked)), key=lambda k: preds["sft"][k]["response_length"] if asked[k]["source"] == "Ruler" else -1)
     for name, p in preds.items():
         print(f"\n({name}) on {asked[i]['prompt'][:80]!r}: {p[i]['response_length']} words, longest run of one "
-              f"sentence {longest_repeat(p[i]['response'])}, of one word {longest_repeat(p[i]['response'], 'word')}"
+              f"sentence {longest_repeat(p[i]['response'])}, of one word {longest_repeat(p[i]['response'], 'word')}, "
+              f"words run together {run_together(p[i]['response'])}"
               f"\n  {passage(p[i]['response'])}")
     repeats = {m: sum(longest_repeat(x["response"]) >= 3 for x in p) for m, p in preds.items()}
     word_loops = {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}
+    glued = {m: sum(run_together(x["response"]) > 0 for x in p) for m, p in preds.items()}
     sentence = real_conclusion(results, gain, len(records), cfg.eval_min, cfg.eval_max)
     sentence += (f" Answers with one sentence three or more times in a row: {repeats['base']} (base), "
                  f"{repeats['sft']} (sft) of {len(asked)}; with one word four or more times in a row: "
-                 f"{word_loops['base']} (base), {word_loops['sft']} (sft).")
+                 f"{word_loops['base']} (base), {word_loops['sft']} (sft); with words run together (25 or more "
+                 f"letters without a space): {glued['base']} (base), {glued['sft']} (sft).")
     print(f"\nscatter plot: {plot}\n\n{sentence}")
     write_json(os.path.join(cfg.out, "scores.json"), {"models": results, "S_l_gain": gain, "samples": cfg.samples,
-                                                      "repeats": repeats, "word_loops": word_loops, "conclusion": sentence,
+                                                      "repeats": repeats, "word_loops": word_loops, "run_together": glued,
+                                                      "conclusion": sentence,
                                                       "sft_answers": len(records)})
 
 

@@ -11,7 +11,7 @@ import torch
 
 from cli import run_cli
 from demo import (RealConfig, bootstrap_ci, longest_repeat, real_conclusion, real_dtype, real_results, run_real,
-                  train_instructions)
+                  run_together, train_instructions)
 
 TINY = ["--steps", "12", "--prompts-per-length", "2", "--eval-lengths", "100,400", "--short-cap", "200",
         "--long-cap", "400", "--pair-instructions", "4", "--pair-samples", "3", "--dpo-steps", "2", "--slots", "4"]
@@ -125,6 +125,9 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     preds = {m: [json.loads(l) for l in open(out / f"pred-{m}.jsonl")] for m in ("base", "sft")}
     assert scores["word_loops"] == {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}
     assert f"four or more times in a row: {scores['word_loops']['base']} (base)" in scores["conclusion"]
+    assert scores["run_together"] == {m: sum(run_together(x["response"]) > 0 for x in p) for m, p in preds.items()}
+    glued = scores["run_together"]
+    assert f"without a space): {glued['base']} (base), {glued['sft']} (sft)." in scores["conclusion"]
     assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
     assert "base: tiny; sft: the same" in stdout and "tiny before and after SFT" in (out / "lengths.svg").read_text()
     run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
@@ -218,6 +221,10 @@ def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs(
     assert longest_repeat("One. Two. Two. Two. One.") == 3 and longest_repeat("A b. C d. A b.") == 1
     loop = "It was remarkable remarkable Remarkable remarkable, truly. It was remarkable."
     assert longest_repeat(loop) == 1 and longest_repeat(loop, "word") == 4  # a loop no sentence check sees
+    drift = "So many places.\n492 The Best ThingsYouCanDoInChinaAllYear, basedoncarbonmittedfromcoalburning now."
+    assert run_together(drift) == 2 and longest_repeat(drift) == longest_repeat(drift, "word") == 1  # seen by neither
+    assert run_together("Internationalization and counterrevolutionaries, https://www.example.com/longpath.") == 0
+    assert run_together("长城是中国古代的军事防御工程，绵延数千公里，历经多个朝代修建而成。") == 0  # letters only, not CJK
 
 
 def test_the_real_demo_computes_in_bfloat16_on_cuda_and_on_cpus_with_bf16_instructions(monkeypatch):
