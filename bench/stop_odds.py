@@ -2,12 +2,14 @@
 
 Usage: python bench/stop_odds.py --checkpoint runs/real-s2/base --checkpoint runs/real-s2/sft/step_72
            --data runs/real-48/agentwrite.jsonl [--exclude runs/real-s2/agentwrite.jsonl] [--items 6]
+           [--dtypes float32,bfloat16]
 Each answer's every step is given the sampler's chance of drawing a stop token (temperature, top-p), from the
 model's own logits, from the logits after the repetition penalty (what generate.py sampled before
 keep_stop_odds), and after the penalty with the stop odds kept (what it samples now). Prints one table: the
 expected number of stops along the answers (a sum of per-step chances) and the mean chance of reaching each
 answer's end without one. Why: answers that end early shorten every length the demo measures, and a rule meant
-to stop loops must not be the reason.
+to stop loops must not be the reason. --dtypes: the same in each compute dtype (the demo computes in bfloat16 on
+CPUs with AVX512-BF16 or AMX, in float32 on others), since rounding may move the stop token's odds too.
 """
 import argparse
 import os
@@ -60,7 +62,11 @@ def main():
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--penalty", type=float, default=1.1)
     ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--dtypes", default="float32", help="compute dtypes, comma-separated: float32, bfloat16")
     args = ap.parse_args()
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16"}:
+        sys.exit(f"--dtypes {args.dtypes!r}: float32 and/or bfloat16, comma-separated")
     chats, _ = read_jsonl(args.data, parse_sft)  # message lists: user, assistant
     seen = {m[0]["content"] for m in read_jsonl(args.exclude, parse_sft)[0]} if args.exclude else set()
     texts = [(m[:1], m[1]["content"]) for m in chats
@@ -69,16 +75,17 @@ def main():
         sys.exit(f"{args.data}: no answer of {args.min_words}+ words outside --exclude")
     words = [count_words(a) for _, a in texts]
     print(f"\n{len(texts)} answers of {args.data} ({min(words)}-{max(words)} words), temperature {args.temperature}, "
-          f"top-p {args.top_p}, penalty {args.penalty} over {args.window} tokens; float32 on the CPU")
-    print(f"| {'checkpoint':<36} | {'E[stops]: model':>15} | {'penalty':>8} | {'penalty, kept':>13} | "
+          f"top-p {args.top_p}, penalty {args.penalty} over {args.window} tokens; on the CPU")
+    print(f"| {'checkpoint, dtype':<36} | {'E[stops]: model':>15} | {'penalty':>8} | {'penalty, kept':>13} | "
           f"{'reach the end: model':>20} | {'penalty':>8} | {'penalty, kept':>13} |")
     print(f"| {'-' * 36} | {'-' * 15}:| {'-' * 8}:| {'-' * 13}:| {'-' * 20}:| {'-' * 8}:| {'-' * 13}:|")
-    for ckpt in args.checkpoint:
-        model, tok = Transformer.from_pretrained(ckpt, torch.float32, "cpu").eval(), load_tokenizer(ckpt)
+    for ckpt, dtype in [(c, d) for c in args.checkpoint for d in dtypes]:
+        model, tok = Transformer.from_pretrained(ckpt, getattr(torch, dtype), "cpu").eval(), load_tokenizer(ckpt)
         per = [chances(model, tok, prompt, answer, args) for prompt, answer in texts]
         stops = sum(c.sum(0) for c in per)
         reach = sum(torch.log1p(-c.clamp_max(1 - 1e-9)).sum(0).exp() for c in per) / len(per)
-        print(f"| {ckpt[-36:]:<36} | {stops[0]:>15.2f} | {stops[1]:>8.2f} | {stops[2]:>13.2f} | "
+        name = f"{ckpt[-(34 - len(dtype)):]}, {dtype}"
+        print(f"| {name:<36} | {stops[0]:>15.2f} | {stops[1]:>8.2f} | {stops[2]:>13.2f} | "
               f"{reach[0]:>20.2f} | {reach[1]:>8.2f} | {reach[2]:>13.2f} |")
 
 

@@ -65,11 +65,15 @@ def test_stop_odds_kept_under_the_penalty_equal_the_models_own(tmp_path):
     from test_train_dpo import tiny_checkpoint
     ckpt, _ = tiny_checkpoint(tmp_path, sharp=3.0)
     rows = table_rows(["bench/stop_odds.py", "--checkpoint", ckpt, "--data", str(tmp_path / "data" / "train.jsonl"),
-                       "--min-words", "20", "--items", "2", "--top-p", "1.0", "--penalty", "1.5"])
-    assert len(rows) == 1 and rows[0][0].endswith("ckpt")
-    model, ruled, kept = map(float, rows[0][1:4])
+                       "--min-words", "20", "--items", "2", "--top-p", "1.0", "--penalty", "1.5",
+                       "--dtypes", "float32,bfloat16"])
+    assert [r[0] for r in rows] == [f"{ckpt[-27:]}, float32", f"{ckpt[-26:]}, bfloat16"]  # one row per dtype
+    (model, ruled, kept), (model_bf16, _, kept_bf16) = (map(float, row[1:4]) for row in rows)
     assert ruled > model + 0.02 > 0.02  # the penalty handed the stop token probability from the words it hit
     assert abs(kept - model) <= 0.01  # keep_stop_odds gives it back: the model's own odds (2 decimals printed)
+    assert abs(kept_bf16 - model_bf16) <= 0.01 and abs(model_bf16 - model) <= 0.05  # bf16: the same, rounded
+    out = run_cli("bench/stop_odds.py", "--checkpoint", ckpt, "--data", "x.jsonl", "--dtypes", "float16")
+    assert out.returncode == 1 and "--dtypes 'float16': float32 and/or bfloat16" in out.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
