@@ -84,8 +84,7 @@ def main():
         per = [chances(model, tok, prompt, answer, args) for prompt, answer in texts]
         stops = sum(c.sum(0) for c in per)
         reach = sum(torch.log1p(-c.clamp_max(1 - 1e-9)).sum(0).exp() for c in per) / len(per)
-        name = f"{ckpt[-(34 - len(dtype)):]}, {dtype}"
-        print(f"| {name:<36} | {stops[0]:>15.2f} | {stops[1]:>8.2f} | {stops[2]:>13.2f} | "
+        print(f"| {f'{ckpt}, {dtype}'[-36:]:<36} | {stops[0]:>15.2f} | {stops[1]:>8.2f} | {stops[2]:>13.2f} | "
               f"{reach[0]:>20.2f} | {reach[1]:>8.2f} | {reach[2]:>13.2f} |")
 
 
