@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
@@ -157,10 +158,16 @@ def summary(preds: list[dict], judged: dict | None = None) -> dict:
     return out
 
 
+def shown_width(text: str) -> int:
+    """Terminal columns: a Chinese character takes two (the Ruler file's types are Chinese), others one."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def table(rows: list[list], header: list[str]) -> str:
     cells = [header] + [[f"{c:.1f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    widths = [max(shown_width(r[i]) for r in cells) for i in range(len(header))]
+    pad = lambda c, w, i: (" " * (w - shown_width(c)) + c) if i else c + " " * (w - shown_width(c))
+    line = lambda r: "| " + " | ".join(pad(c, w, i) for i, (c, w) in enumerate(zip(r, widths))) + " |"
     return "\n".join([line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells[1:]])
 
 

@@ -11,7 +11,7 @@ from chat_server import ChatServer
 from cli import run_cli
 from dataset import build_tokenizer, count_words
 from evaluate import (DIMENSIONS, JUDGE_PROMPT, ChatClient, answer_sha, breakdown, judge_all, judge_prompt, length_score,
-                      parse_judge, quality_score, read_preds, read_rows, report, ruler, summary)
+                      parse_judge, quality_score, read_preds, read_rows, report, ruler, summary, table)
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -500,3 +500,15 @@ def test_the_plot_legend_names_zero_counted_words_not_empty_answers(tmp_path):
     path = preds_file(tmp_path / "p.jsonl", [{"index": 0, "prompt": "Write", "length": 100, "response": "1234 !!"}])
     report([path], plot=str(tmp_path / "p.svg"), log=lambda s: None)
     assert "no countable words" in open(tmp_path / "p.svg").read()
+
+
+def test_table_columns_line_up_in_a_terminal_with_chinese_labels():
+    """The official Ruler file labels every prompt's type in Chinese (社区论坛, ...): a terminal shows each of those
+    characters two columns wide, so padding by len() pushed their rows' bars out of line."""
+    import unicodedata
+    text = table([["社区论坛", 12, 50.2], ["Popular Science", 1, 62.6]], ["type", "n", "S_l"])
+    shown = lambda s: sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)
+    lines = text.splitlines()
+    assert len({shown(l) for l in lines}) == 1, text
+    bars = {tuple(i for i, _ in enumerate(l) if l[i] == "|") for l in lines if "社" not in l}
+    assert len(bars) == 1 and "| Popular Science |  1 | 62.6 |" in text
