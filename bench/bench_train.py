@@ -2,13 +2,15 @@
 
 Usage (H100):  python bench/bench_train.py                 # Llama-3.2-1B shape, rows of 16k, 32k, 64k tokens
        (CPU):  python bench/bench_train.py --shape tiny --device cpu --lengths 1024
-               python bench/bench_train.py --checkpoint runs/smollm2 --device cpu --lengths 2048 --hf-lengths 2048
+               python bench/bench_train.py --checkpoint runs/smollm2 --device cpu --lengths 2048 --hf-lengths 2048 [--dtype bfloat16]
 --checkpoint DIR takes the shape from that folder's config.json (speed does not depend on the weights' values).
-On CPU both sides run in float32; on CUDA ours is bf16 autocast over float32 weights, transformers bf16.
-Ours: float32 master weights, bf16 autocast, chunked LM head, fused AdamW, with and without activation
+On CUDA ours is bf16 autocast over float32 weights, transformers bf16 weights. On CPU both run in float32, or with
+--dtype bfloat16 both under bf16 autocast over float32 weights, as train_sft.py --dtype bfloat16 (and the real-model
+demo on a CPU with AVX512-BF16 or AMX) trains.
+Ours: float32 master weights, autocast to --dtype, chunked LM head, fused AdamW, with and without activation
 checkpointing ("ckpt"), on a single-document row and on a row packing five documents (3/8, 1/4, 3/16,
 1/8, 1/16 of it). One model and optimizer serve all of ours.
-transformers: bf16 weights on CUDA (float32 on CPU), SDPA, gradient checkpointing on CUDA only, AdamW, one causal sequence.
+transformers: SDPA, gradient checkpointing on CUDA only, AdamW, one causal sequence.
 """
 import argparse
 import os
@@ -59,13 +61,13 @@ def timed(step, device, warmup=None, reps=None):
     return statistics.median(times)
 
 
-def ours(model, opt, device, T, packed, checkpointing):
+def ours(model, opt, device, T, packed, checkpointing, dtype):
     fractions = [6, 4, 3, 2, 1] if packed else [16]
     lengths = [T * f // 16 for f in fractions]
     lengths[0] += T - sum(lengths)
     row = row_of(lengths, model.config.vocab_size)
     model.checkpointing = checkpointing
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
         with autocast:
@@ -80,11 +82,12 @@ def ours(model, opt, device, T, packed, checkpointing):
         opt.zero_grad(set_to_none=True)  # also after an out-of-memory error, before the next setting
 
 
-def hf(cfg, device, T, checkpointing):
+def hf(cfg, device, T, checkpointing, dtype):
     import transformers
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as ours computes
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa").to(device)
+    weights = dtype if device.type == "cuda" else torch.float32  # CPU: autocast over float32 weights, as ours
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cpu" and dtype != torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=weights, attn_implementation="sdpa").to(device)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -92,7 +95,9 @@ def hf(cfg, device, T, checkpointing):
     ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
 
     def step():
-        model(ids, labels=ids).loss.backward()
+        with autocast:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,6 +114,8 @@ def main():
     ap.add_argument("--checkpoint", default="", help="use this checkpoint folder's shape instead of --shape")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per setting")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per setting (the median is shown)")
+    ap.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
+                    help="compute dtype of both sides (default: bfloat16 on CUDA, float32 on CPU)")
     args = ap.parse_args()
     try:  # the GPU default on a machine without one: one line, not CUDA's assertion
         check_device(args.device)
@@ -117,12 +124,14 @@ def main():
     global WARMUP, REPS
     WARMUP, REPS = args.warmup, args.reps
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cfg = ModelConfig.from_hf(read_config(args.checkpoint)) if args.checkpoint else ModelConfig(**SHAPES[args.shape])
     if args.checkpoint:
         args.shape = os.path.basename(os.path.normpath(args.checkpoint))
     # the table's rows print as they are measured: a CPU run of a real model's shape takes minutes a setting
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"SFT step, {args.shape} shape, {name}, torch {torch.__version__}{', MLPs compiled' if args.compile else ''}")
+    print(f"SFT step, {args.shape} shape, {str(dtype)[6:]}, {name}, torch {torch.__version__}"
+          f"{', MLPs compiled' if args.compile else ''}")
     print(f"| {'implementation':<32} | {'row tokens':>10} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
     print(f"| {'-' * 32} | {'-' * 10} | {'-' * 9} | {'-' * 6} | {'-' * 8} |", flush=True)
 
@@ -145,17 +154,17 @@ def main():
             show(impl, T, "OOM", "-", "-")
 
     # one model and optimizer for all of ours; activation checkpointing off (faster) and on (fits longer rows)
-    model = build_model(cfg, None, 0, 1, device, torch.bfloat16, compile=args.compile)
+    model = build_model(cfg, None, 0, 1, device, dtype, compile=args.compile)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     for T in args.lengths:
         for ckpt in (False, True):
             for packed in (False, True):
                 label = f"ours, {'five packed docs' if packed else 'one document'}{', ckpt' if ckpt else ''}"
-                record(label, T, lambda: ours(model, opt, device, T, packed, ckpt))
+                record(label, T, lambda: ours(model, opt, device, T, packed, ckpt, dtype))
     del model, opt
     ckpt = device.type == "cuda"  # rows of 16k+ need it on a GPU; on the CPU both sides run without it
     for T in args.hf_lengths:
-        record(f"transformers{', ckpt' if ckpt else ''}", T, lambda: hf(cfg, device, T, ckpt))
+        record(f"transformers{', ckpt' if ckpt else ''}", T, lambda: hf(cfg, device, T, ckpt, dtype))
 
 
 if __name__ == "__main__":

@@ -205,7 +205,8 @@ def sft_speed(device, big):
     from bench_train import SHAPES, hf, ours
     from train_sft import build_model, flops_per_token
     cfg = ModelConfig(**SHAPES["llama3.2-1b" if big else "tiny"])
-    model = build_model(cfg, None, 0, 1, device, torch.bfloat16)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bench_train's default
+    model = build_model(cfg, None, 0, 1, device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     parts, goal = [], None
     for T, ckpt in ((16384, False), (32768, True), (65536, True)) if big else ((256, False), (512, True)):
@@ -213,7 +214,7 @@ def sft_speed(device, big):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            dt, doc_len = ours(model, opt, device, T, packed=True, checkpointing=ckpt)
+            dt, doc_len = ours(model, opt, device, T, packed=True, checkpointing=ckpt, dtype=dtype)
         except torch.OutOfMemoryError:
             parts.append(f"{T // 1024}k{' ckpt' if ckpt else ''}: OOM")
             continue
@@ -227,7 +228,7 @@ def sft_speed(device, big):
     del model, opt
     T = 16384 if big else 256
     try:
-        parts.append(f"transformers {T}: {T / hf(cfg, device, T, checkpointing=big):,.0f} tok/s")
+        parts.append(f"transformers {T}: {T / hf(cfg, device, T, checkpointing=big, dtype=dtype):,.0f} tok/s")
     except torch.OutOfMemoryError:
         parts.append(f"transformers {T}: OOM")
     return goal, "; ".join(parts) + (" (goal >= 43k tok/s at 16k)" if big else "")
