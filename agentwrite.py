@@ -472,7 +472,7 @@ def writer_settings(cfg) -> dict:
             writer = {**writer, "template": cfg.template}
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings, "section_min": cfg.section_min,
             "repetition_penalty": cfg.repetition_penalty,
             "no_repeat_ngram": cfg.no_repeat_ngram, "plan_tokens": cfg.plan_tokens, "system": cfg.system,
             "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template),
@@ -481,7 +481,7 @@ def writer_settings(cfg) -> dict:
 
 
 # settings added after files were first written: what those files were written with (top-p was fixed at 0.8)
-SETTINGS_BEFORE = {"top_p": 0.8, "headings": False}
+SETTINGS_BEFORE = {"top_p": 0.8, "headings": False, "section_min": 0.0}
 
 
 def stop_odds_record(repetition_penalty: float, no_repeat_ngram: int) -> dict:
@@ -642,8 +642,11 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             kept = trim_to_sentence(text, finish == "length")
             if cfg.section_limit > 0:
                 kept = within_words(kept, int(cfg.section_limit * step["words"]))
+            words = count_words(untitled(kept) if cfg.headings else kept)  # as the record will hold it
             problem = ("has no complete sentence" if not kept else
-                       "talks to the requester instead of writing the piece" if CHATTER_RE.match(kept) else "")
+                       "talks to the requester instead of writing the piece" if CHATTER_RE.match(kept) else
+                       f"has {words} words, under {cfg.section_min:g}x its {step['words']} (--section-min)"
+                       if words < cfg.section_min * step["words"] else "")
             if not problem:
                 break
             log(f"{name}: paragraph {i + 1} {problem} (attempt {attempt} of {cfg.paragraph_attempts}); "
@@ -693,6 +696,7 @@ class AgentConfig:
     plan_tokens: int = 2048              # token limit of the planning call
     plan_attempts: int = 3               # plans asked per item before it fails (rejected ones stay in the cache)
     paragraph_attempts: int = 3          # a paragraph with no complete sentence is asked again, up to this many times
+    section_min: float = 0.25            # a paragraph under this x its words is asked again (a bare title); 0: never
     min_ratio: float = 0.5               # drop answers shorter than this x the planned words
     max_ratio: float = 1.5               # drop answers longer than this x the planned words
     system: str = ""                     # --checkpoint: system turn; empty: the chat template's default (if any)
@@ -725,6 +729,8 @@ def check_config(cfg: AgentConfig):
         raise ValueError(f"--top-p {cfg.top_p:g}: a probability mass in (0, 1]")
     if cfg.section_limit < 0:
         raise ValueError(f"--section-limit {cfg.section_limit:g}: 0 (the default limit) or a positive factor")
+    if not 0 <= cfg.section_min < (cfg.section_limit or 1):  # else every paragraph is asked again until the item fails
+        raise ValueError(f"--section-min {cfg.section_min:g}: from 0 to under {cfg.section_limit or 1:g} (--section-limit)")
     local_only = changed_flags(cfg, ("repetition_penalty", "no_repeat_ngram", "system", "template", "context", "dtype",
                                      "device"))
     if local_only and not cfg.checkpoint:  # accepted and ignored, yet recorded as the writer's settings

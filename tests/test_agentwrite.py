@@ -186,7 +186,7 @@ def test_reasoning_blocks_of_thinking_models_are_neither_planned_from_nor_writte
 def test_answers_far_shorter_than_planned_are_dropped_and_counted(inputs, tmp_path):
     short = lambda c: default_answer(c) if is_plan(c) else "too short"
     server = ChatServer(short)
-    counts = run(config(server, inputs, tmp_path, min_ratio=0.5), log=quiet)
+    counts = run(config(server, inputs, tmp_path, min_ratio=0.5, section_min=0), log=quiet)  # each paragraph kept
     assert counts["dropped"] == 3 and counts["done"] == 0
     assert not (tmp_path / "out.jsonl").exists()
     server.close()
@@ -883,6 +883,42 @@ def test_chatter_is_asked_again_and_headings_replace_the_writers_own_titles(tmp_
     assert record["paragraph_words"] == [350, 350, 350] and record["writer"]["headings"] is True
     with pytest.raises(ValueError, match=r"headings: True there, False now"):  # records of both kinds never mix
         run(cfg("headed.jsonl"), client=writer, log=quiet)
+
+
+class TitleWriter(SectionWriter):
+    """SmolLM2-135M's other habit (two of its 24 AgentWrite answers in the real-model demo): a section that is
+    only a title ("Title: Volcanoes: The Unyielding Power of Nature") or a list of headings, in full sentences or
+    none, the first `bad` times each section is asked."""
+    bad = 1
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        text, finish = super().complete(messages, max_tokens, temperature)
+        tries = sum(c == self.calls[-1] for c in self.calls)
+        return ("Title: Tides: The Pull of the Moon", "stop") if tries <= self.bad else (text, finish)
+
+
+def test_a_section_far_shorter_than_asked_is_asked_again(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides.", "id": "tides"}) + "\n")
+    cfg = lambda out, **kw: AgentConfig(input=str(inputs), output=str(tmp_path / out), plan="skeleton", workers=1,
+                                        headings=True, **kw)
+    writer, lines = TitleWriter(), []
+    assert run(cfg("out.jsonl"), client=writer, log=lines.append)["done"] == 1 and len(writer.calls) == 6
+    record = json.loads((tmp_path / "out.jsonl").read_text())
+    assert record["paragraph_words"] == [350, 350, 350] and "Title:" not in record["messages"][1]["content"]
+    assert sum("has 7 words, under 0.25x its 350 (--section-min) (attempt 1 of 3)" in l for l in lines) == 3
+    writer, lines = TitleWriter(), []
+    writer.bad = 3  # never more than a title: the item fails, as with no complete sentence
+    assert run(cfg("o2.jsonl"), client=writer, log=lines.append)["failed"] == 1
+    assert any("paragraph 1 has 7 words, under 0.25x its 350 (--section-min), 3 times" in l for l in lines)
+    writer = TitleWriter()  # --section-min 0 keeps the title as the section, as before the rule
+    assert run(cfg("o3.jsonl", section_min=0.0, min_ratio=0.0), client=writer, log=quiet)["done"] == 1
+    assert len(writer.calls) == 3
+    assert json.loads((tmp_path / "o3.jsonl").read_text())["paragraph_words"] == [7, 7, 7]
+    with pytest.raises(ValueError, match=r"section_min: 0.0 there, 0.25 now"):  # its cache is not reused under the rule
+        run(cfg("o3.jsonl", min_ratio=0.0), client=writer, log=quiet)
+    with pytest.raises(ValueError, match=r"--section-min 1.5: from 0 to under 1.5 \(--section-limit\)"):
+        run(cfg("o4.jsonl", section_min=1.5, section_limit=1.5), client=writer, log=quiet)
 
 
 @pytest.mark.parametrize("text,chatter", [
