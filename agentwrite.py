@@ -695,7 +695,7 @@ class AgentConfig:
     no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call
     plan_attempts: int = 3               # plans asked per item before it fails (rejected ones stay in the cache)
-    paragraph_attempts: int = 3          # a paragraph with no complete sentence is asked again, up to this many times
+    paragraph_attempts: int = 3          # a rejected paragraph (no sentence, chatter, too short) is asked this many times
     section_min: float = 0.25            # a paragraph under this x its words is asked again (a bare title); 0: never
     min_ratio: float = 0.5               # drop answers shorter than this x the planned words
     max_ratio: float = 1.5               # drop answers longer than this x the planned words

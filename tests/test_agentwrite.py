@@ -887,8 +887,8 @@ def test_chatter_is_asked_again_and_headings_replace_the_writers_own_titles(tmp_
 
 class TitleWriter(SectionWriter):
     """SmolLM2-135M's other habit (two of its 24 AgentWrite answers in the real-model demo): a section that is
-    only a title ("Title: Volcanoes: The Unyielding Power of Nature") or a list of headings, in full sentences or
-    none, the first `bad` times each section is asked."""
+    only a title ("Title: Volcanoes: The Unyielding Power of Nature") or a list of headings, here the first `bad`
+    times each section is asked."""
     bad = 1
 
     def complete(self, messages, max_tokens, temperature=0.7):
