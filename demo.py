@@ -423,6 +423,14 @@ def run_together(text: str, letters=25) -> int:
     return len(re.findall(rf"[A-Za-z]{{{letters},}}", text))
 
 
+def parts(text: str) -> tuple[int, bool]:
+    """The "Part k of K" headings an answer writes (AgentWrite's --headings put them in the training answers) and
+    whether one goes past its own last part ("Part 30 of 9"): whether the fine-tuned model took up the form, and
+    whether it ends where the form says the piece ends."""
+    found = [(int(k), int(n)) for k, n in re.findall(r"\bPart (\d+) of (\d+)\b", text)]
+    return len(found), any(k > n for k, n in found)
+
+
 def passage(text: str, head=90, tail=40) -> str:
     """The answer's first `head` and last `tail` words (how it starts and how it ends)."""
     words = text.split()
@@ -572,14 +580,19 @@ def run_real(cfg: RealConfig, writer=None):
     repeats = {m: sum(longest_repeat(x["response"]) >= 3 for x in p) for m, p in preds.items()}
     word_loops = {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}
     glued = {m: sum(run_together(x["response"]) > 0 for x in p) for m, p in preds.items()}
+    headed = {m: sum(parts(x["response"])[0] > 0 for x in p) for m, p in preds.items()}
+    past = {m: sum(parts(x["response"])[1] for x in p) for m, p in preds.items()}
     sentence = real_conclusion(results, gain, len(records), cfg.eval_min, cfg.eval_max)
     sentence += (f" Answers with one sentence three or more times in a row: {repeats['base']} (base), "
                  f"{repeats['sft']} (sft) of {len(asked)}; with one word four or more times in a row: "
                  f"{word_loops['base']} (base), {word_loops['sft']} (sft); with words run together (25 or more "
-                 f"letters without a space): {glued['base']} (base), {glued['sft']} (sft).")
+                 f"letters without a space): {glued['base']} (base), {glued['sft']} (sft); with \"Part k of K\" "
+                 f"headings: {headed['base']} (base), {headed['sft']} (sft), of which {past['base']} and {past['sft']} "
+                 "go on past their own last part.")
     print(f"\nscatter plot: {plot}\n\n{sentence}")
     write_json(os.path.join(cfg.out, "scores.json"), {"models": results, "S_l_gain": gain, "samples": cfg.samples,
                                                       "repeats": repeats, "word_loops": word_loops, "run_together": glued,
+                                                      "part_headings": headed, "past_last_part": past,
                                                       "conclusion": sentence,
                                                       "sft_answers": len(records)})
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cli import run_cli
-from demo import (RealConfig, bootstrap_ci, longest_repeat, real_conclusion, real_dtype, real_results, run_real,
+from demo import (RealConfig, bootstrap_ci, longest_repeat, parts, real_conclusion, real_dtype, real_results, run_real,
                   run_together, train_instructions)
 
 TINY = ["--steps", "12", "--prompts-per-length", "2", "--eval-lengths", "100,400", "--short-cap", "200",
@@ -127,7 +127,12 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert f"four or more times in a row: {scores['word_loops']['base']} (base)" in scores["conclusion"]
     assert scores["run_together"] == {m: sum(run_together(x["response"]) > 0 for x in p) for m, p in preds.items()}
     glued = scores["run_together"]
-    assert f"without a space): {glued['base']} (base), {glued['sft']} (sft)." in scores["conclusion"]
+    assert f"without a space): {glued['base']} (base), {glued['sft']} (sft);" in scores["conclusion"]
+    assert scores["part_headings"] == {m: sum(parts(x["response"])[0] > 0 for x in p) for m, p in preds.items()}
+    assert scores["past_last_part"] == {m: sum(parts(x["response"])[1] for x in p) for m, p in preds.items()}
+    headed, past = scores["part_headings"], scores["past_last_part"]
+    assert (f"headings: {headed['base']} (base), {headed['sft']} (sft), of which {past['base']} and {past['sft']} go on "
+            "past their own last part.") in scores["conclusion"]
     assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
     assert "base: tiny; sft: the same" in stdout and "tiny before and after SFT" in (out / "lengths.svg").read_text()
     run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
@@ -225,6 +230,11 @@ def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs(
     assert run_together(drift) == 2 and longest_repeat(drift) == longest_repeat(drift, "word") == 1  # seen by neither
     assert run_together("Internationalization and counterrevolutionaries, https://www.example.com/longpath.") == 0
     assert run_together("长城是中国古代的军事防御工程，绵延数千公里，历经多个朝代修建而成。") == 0  # letters only, not CJK
+    # the fine-tuned model's own headings, as it wrote them: in order, then on past the last part, and mid-line
+    assert parts("## Part 1 of 3\nOne.\n## Part 3 of 3\nThree.") == (2, False)
+    assert parts("## Part 9 of 9\nNine.\n\n                            #109 \n## Part 30 of 9\nIn the world") == (2, True)
+    assert parts("a 3,000-word request answered under Part 1 of 2, then Part 12 of 12.") == (2, False)
+    assert parts("Part of the plan: 10 of 12 parts. Counterpart 5 of 2.") == (0, False)  # no heading, no false hit
 
 
 def test_the_real_demo_computes_in_bfloat16_on_cuda_and_on_cpus_with_bf16_instructions(monkeypatch):
