@@ -535,10 +535,13 @@ def test_no_answer_repeats_an_n_gram_and_static_and_continuous_batching_agree(ch
 def test_the_few_row_cpu_linear_equals_nn_linear():
     torch.manual_seed(0)
     layer = Linear(24, 40, bias=True)
-    for shape in [(1, 1, 24), (3, 5, 24), (200, 24)]:  # decode rows, a short prefill, more rows than 128
-        x = torch.randn(shape)
-        with torch.no_grad():
-            assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
+    for dtype, atol in [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)]:
+        layer.to(dtype)
+        for shape in [(1, 1, 24), (3, 5, 24), (200, 24)]:  # one decode row (torch.mv), a short prefill, >128 rows
+            x = torch.randn(shape, dtype=dtype)
+            with torch.no_grad():
+                want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+                assert layer(x).shape == want.shape and torch.allclose(layer(x), want, atol=atol)
 
 
 def test_a_request_that_cannot_fit_is_refused_before_any_decoding(checkpoints):
