@@ -4,7 +4,7 @@ generate), and many prompts of LongBench-Write's spread of lengths, static batch
 Usage (H100):  python bench/bench_generate.py                      # Llama-3.1-8B shape, bf16
        (CPU):  python bench/bench_generate.py --shape tiny --device cpu --dtype float32 --new-tokens 64
                python bench/bench_generate.py --checkpoint runs/smollm2 --device cpu --dtype float32 --prompt-len 200 \
-                   --new-tokens 256 --contexts --hf-new-tokens 256 --prompts 0      # a checkpoint folder's shape
+                   --new-tokens 256 --contexts --hf-new-tokens 256 --prompts 0 --rounds 5  # a checkpoint folder's shape
 Prints one table: tokens/s after a 1,000-token prompt, at 16k / 32k tokens of context, and the aggregate
 tokens/s and wall time of the many-prompt case (the same prompts, order and slots for both ways).
 """
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -146,6 +147,9 @@ def main():
     ap.add_argument("--context-new-tokens", type=int, default=256)
     ap.add_argument("--hf-new-tokens", type=int, default=512, help="transformers is slow: fewer tokens")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' rates")
+    ap.add_argument("--rounds", type=int, default=1, help="batch-1 rows: ours then transformers, this many times "
+                                                          "in turn; the median of each is shown (a shared CPU's "
+                                                          "slow minutes then fall on both sides)")
     ap.add_argument("--prompts", type=int, default=64, help="many-prompt case: prompts (0: skip it)")
     ap.add_argument("--slots", type=int, default=32, help="many-prompt case: rows decoded at once")
     ap.add_argument("--max-answer", type=int, default=4096, help="many-prompt case: the longest answer, tokens")
@@ -157,6 +161,8 @@ def main():
         check_device(args.device)
     except ValueError as e:
         ap.error(str(e))
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least 1")
     for flag in ("new_tokens", "context_new_tokens", "hf_new_tokens"):  # the first 16 tokens are not timed
         if 0 < getattr(args, flag) <= 17:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: more than 17 (the first 16 tokens are not timed)")
@@ -174,14 +180,20 @@ def main():
     # the table's rows print as they are measured: a CPU run of a real model's shape takes minutes a row
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"decoding, {args.shape} shape, {args.dtype}, {name}, torch {torch.__version__}; many-prompt answer "
-          f"lengths: {source or 'not run'}, scaled to at most {args.max_answer} tokens")
+          f"lengths: {source or 'not run'}, scaled to at most {args.max_answer} tokens"
+          + (f"; batch-1 rows: median of {args.rounds} rounds, ours and transformers in turn" if args.rounds > 1 else ""))
     print(f"| {'implementation':<30} | {'prompt+new tokens':>20} | {'tokens/s':>9} | {'wall s':>7} |")
     print(f"| {'-' * 30} | {'-' * 20} | {'-' * 9} | {'-' * 7} |", flush=True)
 
     def show(impl, what, rate, wall=None):
         print(f"| {impl:<30} | {what:>20} | {rate:>9.1f} | {'' if wall is None else f'{wall:.1f}':>7} |", flush=True)
     model = random_model(cfg, dtype, device)
-    show("ours", f"{args.prompt_len}+{args.new_tokens}", ours_rate(model, args.prompt_len, args.new_tokens, compile))
+    ours, hf = [], []
+    for _ in range(args.rounds):
+        ours.append(ours_rate(model, args.prompt_len, args.new_tokens, compile))
+        if not args.no_hf and args.rounds > 1:
+            hf.append(hf_rate(cfg, dtype, device, args.prompt_len, args.hf_new_tokens, static=False))
+    show("ours", f"{args.prompt_len}+{args.new_tokens}", statistics.median(ours))
     for ctx in args.contexts:
         rate = ours_rate(model, ctx - args.context_new_tokens, args.context_new_tokens, compile)
         show("ours", f"{ctx - args.context_new_tokens}+{args.context_new_tokens}", rate)
@@ -193,8 +205,8 @@ def main():
     if not args.no_hf:
         del model
         n = args.hf_new_tokens
-        show("transformers dynamic cache", f"{args.prompt_len}+{n}",
-             hf_rate(cfg, dtype, device, args.prompt_len, n, static=False))
+        rate = statistics.median(hf) if hf else hf_rate(cfg, dtype, device, args.prompt_len, n, static=False)
+        show("transformers dynamic cache", f"{args.prompt_len}+{n}", rate)
         if compile:
             show("transformers static+compile", f"{args.prompt_len}+{n}",
                  hf_rate(cfg, dtype, device, args.prompt_len, n, static=True))

@@ -83,6 +83,7 @@ def test_stop_odds_kept_under_the_penalty_equal_the_models_own(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--new-tokens", "16"], "--new-tokens 16: more than 17 (the first 16 tokens are not timed)"),
     (["--contexts", "100000"], "100000 tokens (prompt + new tokens, or --contexts) past the tiny shape's context"),
+    (["--rounds", "0"], "--rounds 0: at least 1"),
 ])
 def test_bench_generate_refuses_settings_it_would_fail_on_after_measuring(flags, message):
     """An IndexError at the end of the first case, or a traceback after the cases before it had run."""
@@ -96,3 +97,23 @@ def test_the_gpu_default_without_cuda_is_one_line_not_an_assertion(script):
     out = run_cli(script, "--shape", "tiny")
     assert out.returncode == 2 and "--device cuda: CUDA is not available here" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_bench_generate_rounds_alternate_the_two_sides_and_show_each_sides_median(monkeypatch, capsys):
+    """On a shared CPU one side's figure moves 15% from one minute to the next: in turn, both meet the same."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("bench_generate", "bench/bench_generate.py")
+    bg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bg)
+    calls, ours, hf = [], iter([10.0, 50.0, 30.0]), iter([20.0, 90.0, 40.0])
+    monkeypatch.setattr(bg, "ours_rate", lambda *a: calls.append("ours") or next(ours))
+    monkeypatch.setattr(bg, "hf_rate", lambda *a, **k: calls.append("hf") or next(hf))
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--shape", "tiny", "--device", "cpu", "--contexts",
+                                      "--prompts", "0", "--rounds", "3"])
+    bg.main()
+    out = capsys.readouterr().out
+    assert calls == ["ours", "hf"] * 3 and "median of 3 rounds" in out
+    rates = {r.split("|")[1].strip(): float(r.split("|")[3]) for r in out.splitlines() if r.startswith("| ")
+             and not r.startswith("| -") and "tokens/s" not in r}
+    assert rates == {"ours": 30.0, "transformers dynamic cache": 40.0}
