@@ -82,7 +82,7 @@ def prefill(model, prompts: list[list[int]], cache_len: int):
         q, k = prompt_slots[:, None], slots[None]
         mask = ((k <= q) & ((k >= start[:, None, None]) | (k == q)))[:, None]  # (B, 1, P, S)
     position_ids = (prompt_slots[None] - start[:, None]).clamp_min(0)
-    return model(ids, position_ids=position_ids, cache_pos=prompt_slots, mask=mask)[:, -1], start, slots
+    return model(ids, position_ids=position_ids, cache_pos=prompt_slots, mask=mask, last_only=True)[:, -1], start, slots
 
 
 def penalize(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -235,7 +235,7 @@ def prefill_row(model, caches, row: int, prompt: list[int]) -> torch.Tensor:
         layer.self_attn.cache = cache.row(row)
     try:
         pos = torch.arange(len(prompt), device=device)
-        return model(torch.tensor([prompt], device=device), position_ids=pos[None], cache_pos=pos)[0, -1]
+        return model(torch.tensor([prompt], device=device), position_ids=pos[None], cache_pos=pos, last_only=True)[0, -1]
     finally:
         for layer, cache in zip(model.layers, caches):
             layer.self_attn.cache = cache

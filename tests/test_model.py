@@ -409,6 +409,27 @@ def test_continuous_greedy_answers_equal_batch_1_generate_token_for_token(checkp
     assert order != sorted(order)  # handed out as they end, not in input order
 
 
+def test_prefill_computes_the_logits_of_the_last_position_only(checkpoints):
+    """A prefill keeps the last position's logits, so the output head must see no other: (B, T, vocab)
+    logits of a 32k-token prompt are 8 GB in bf16 for Llama 3's vocabulary. Those logits are the full forward's."""
+    from generate import prefill, prefill_row
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    heads = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: heads.append(tuple(args[0].shape[:-1])))
+    prompts = [torch.randint(3, BASE["vocab_size"], (n,)).tolist() for n in (6, 11)]
+    with torch.no_grad():
+        full = [model(torch.tensor([p]))[0, -1] for p in prompts]
+        heads.clear()
+        logits, _, _ = prefill(model, prompts, 16)  # left-padded batch
+        assert heads == [(2, 1)]
+        model.setup_cache(3, 16)
+        caches = [layer.self_attn.cache for layer in model.layers]
+        row = prefill_row(model, caches, 2, prompts[1])  # one prompt into row 2 of a continuous batch
+        assert heads == [(2, 1), (1, 1)]
+    assert torch.allclose(logits, torch.stack(full), atol=1e-5)
+    assert torch.allclose(row, full[1], atol=1e-5)
+
+
 def test_freed_rows_are_reused_and_per_prompt_limits_hold(checkpoints, monkeypatch):
     import generate as gen
     model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
