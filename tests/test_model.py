@@ -13,7 +13,7 @@ from dataset import build_tokenizer, load_tokenizer
 from generate import (context_of, finish_reason, fit_new_tokens, forbid, generate, generate_many, keep_stop_odds,
                       no_repeat, penalize, sample)
 from hf_models import BASE, CASES, make_hf_model, save_hf_model
-from model import Linear, ModelConfig, Transformer, token_logprobs
+from model import Linear, ModelConfig, Transformer, attention, token_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -551,6 +551,23 @@ def test_no_answer_repeats_an_n_gram_and_static_and_continuous_batching_agree(ch
     assert [got[i] for i in range(3)] == static
     bf16 = dict(generate_many(model.to(torch.bfloat16), prompts, 60, slots=2, no_repeat_ngram=4))  # bf16 logits (CUDA's)
     assert all(len(set(grams(r))) == len(grams(r)) for r in bf16.values())
+
+
+def test_decode_attention_of_rows_at_their_own_lengths_equals_the_textbook_formula():
+    """One query per row, each row seeing its own number of keys (continuous batching), 3 query heads per KV head:
+    float32 and bf16 take different kernels on CPU, and both must group the heads and mask the rows rightly."""
+    torch.manual_seed(0)
+    B, KVH, n_rep, S, D = 4, 2, 3, 40, 16
+    q, k, v = torch.randn(B, KVH * n_rep, 1, D), torch.randn(B, KVH, S, D), torch.randn(B, KVH, S, D)
+    seen = torch.tensor([5, 40, 17, 1])  # keys each row may see
+    mask = (torch.arange(S)[None] < seen[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    kk, vv = k.double().repeat_interleave(n_rep, 1), v.double().repeat_interleave(n_rep, 1)
+    scores = (q.double() @ kk.transpose(-1, -2) / D ** 0.5).masked_fill(~mask, float("-inf"))
+    want = scores.softmax(-1) @ vv
+    for dtype, atol in [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)]:
+        got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask)
+        assert got.shape == (B, KVH * n_rep, 1, D) and got.dtype == dtype
+        assert torch.allclose(got.double(), want, atol=atol), dtype
 
 
 def test_the_few_row_cpu_linear_equals_nn_linear():
