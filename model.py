@@ -228,8 +228,8 @@ def attention(q, k, v, doc_bounds=None, mask=None):
     B, H, T, D = q.shape
     n_rep = H // k.shape[1]
     if T == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        # CPU decoding in bf16: the kernel's own GQA is 1.1-1.3x faster than the folded form below (in float32
-        # 0.65-0.75x, in float16 0.4-0.5x), measured on SmolLM2's 3 KV heads x 3 query heads, 1-15 rows, 512-6,144 keys
+        # CPU decoding in bf16: the kernel's own GQA beats the folded form below, 1.14x over the real-model demo's
+        # answers (SmolLM2: 3 KV x 3 query heads); in float32 it is 0.64-0.92x and in float16 0.4-0.5x (BENCHMARKS.md)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if T == 1:  # decoding: fold the query heads of each KV head into the query axis, no K/V copies
         out = F.scaled_dot_product_attention(q.view(B, -1, n_rep, D), k, v, attn_mask=mask)
