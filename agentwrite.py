@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import requests
@@ -590,9 +590,10 @@ def within_words(text: str, most: int) -> str:
     return text if len(words) <= most else trim_to_sentence(text[:words[most].start()], cut=True)
 
 
-def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print) -> dict:
+def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print, calls=None) -> dict:
     """Run the calls this item still needs; returns its output record. `done` holds its cached results. A plan
-    that cannot be read is kept in the cache (text and reason) and asked again, up to cfg.plan_attempts times."""
+    that cannot be read is kept in the cache (text and reason) and asked again, up to cfg.plan_attempts times.
+    calls: a thread pool to ask all the sections at once, for sections that do not see the text so far."""
     instruction, name = source["prompt"], source.get("id", key)
     attempt = done.get("plan_attempts", 0)
     while "plan" not in done:
@@ -626,10 +627,10 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
         cache.append({"key": key, "kind": "plan", "steps": steps, "text": text})
         log(f"{name}: plan of {len(steps)} paragraphs, {sum(s['words'] for s in steps):,} words")
     steps, paragraphs = done["plan"], done.setdefault("paragraphs", {})
-    for i, step in enumerate(steps):
-        if i in paragraphs:
-            continue
-        written = "\n\n".join(paragraphs[j] for j in range(i))
+
+    def write_section(i):
+        step = steps[i]
+        written = "\n\n".join(paragraphs[j] for j in range(i)) if calls is None else ""
         prompt = fill(cfg.write_template, instruction=instruction, plan=plan_text(steps), text=written,
                       step=f"paragraph {i + 1} of {len(steps)} ({step['point']}; {step['words']} words)",
                       point=step["point"], words=str(step["words"]))
@@ -660,6 +661,26 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print)
             done.setdefault("trimmed", set()).add(i)
         log(f"{name}: paragraph {i + 1} of {len(steps)}: {count_words(kept)} words (planned {step['words']})"
             + (", cut back to its last full sentence" if kept != text else ""))
+
+    missing = [i for i in range(len(steps)) if i not in paragraphs]
+    if calls is None:
+        for i in missing:
+            write_section(i)
+    else:  # every section in flight at once; a failure is raised once all have ended (the others are cached)
+        failed = threading.Event()  # one failed section fails the item: those not yet asked are not asked
+
+        def ask(i):
+            if not failed.is_set():
+                try:
+                    write_section(i)
+                except BaseException:
+                    failed.set()
+                    raise
+
+        futures = [calls.submit(ask, i) for i in missing]
+        wait(futures)
+        for f in futures:
+            f.result()
     sections = [untitled(paragraphs[i]) if cfg.headings else paragraphs[i] for i in range(len(steps))]
     answer = "\n\n".join(f"{heading(i, len(steps))}\n\n{text}" if cfg.headings else text for i, text in enumerate(sections))
     return {"key": key, "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
@@ -679,7 +700,7 @@ class AgentConfig:
     checkpoint: str = ""                 # write with our own model in-process instead of an endpoint
     plan_prompt: str = ""                # file replacing PLAN_PROMPT ({instruction} marker)
     write_prompt: str = ""               # file replacing WRITE_PROMPT ({instruction} {plan} {text} {step} markers)
-    workers: int = 8                     # items in flight (endpoint calls at once; rows decoded with --checkpoint)
+    workers: int = 8                     # calls at once: items in flight, or with --plan skeleton sections (rows decoded with --checkpoint)
     max_retries: int = 5                 # per call: timeouts, 429 and 5xx are retried with backoff
     timeout: float = 600.0               # seconds per call
     backoff: float = 1.0
@@ -793,10 +814,14 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     finished, state = {r["key"] for r in output.read()}, cached_state(cache)
     todo = [(key, src) for key, src in items if key not in finished]
     own = client is None and todo  # made here, closed here; none when there is nothing to write
+    # a skeleton's section that does not see the text so far need not wait for it: all of an item's are asked at once
+    at_once = cfg.plan == "skeleton" and "{text}" not in cfg.write_template
     if own and cfg.checkpoint:
-        # one row per item in flight, never more: each row is a whole context of cache (8,192 tokens of SmolLM2 in
-        # float32: 380 MB), so --workers 64 for 2 items held 24 GB and was killed on a 23 GB machine
-        client = LocalClient(cfg.checkpoint, device=cfg.device or None, max_batch=max(1, min(cfg.workers, len(todo))),
+        # one row per call that can be in flight, never more: each row is a whole context of cache (8,192 tokens of
+        # SmolLM2 in float32: 380 MB), so --workers 64 for 2 items held 24 GB and was killed on a 23 GB machine
+        in_flight = (sum(len(skeleton_plan(src["prompt"], asked_words(src), cfg.section_words))
+                         - len(state.get(key, {}).get("paragraphs", ())) for key, src in todo) if at_once else len(todo))
+        client = LocalClient(cfg.checkpoint, device=cfg.device or None, max_batch=max(1, min(cfg.workers, in_flight)),
                              template=cfg.template or None, system=cfg.system, context=cfg.context,
                              repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram,
                              dtype=cfg.dtype, top_p=cfg.top_p)
@@ -809,7 +834,7 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
     def one(key, src):
         name = src.get("id", key)  # what the user calls the item
         try:
-            rec = write_item(client, key, src, cache, state.setdefault(key, {}), cfg, log)
+            rec = write_item(client, key, src, cache, state.setdefault(key, {}), cfg, log, calls if at_once else None)
         except AuthError:
             raise
         except APIError as e:
@@ -835,13 +860,15 @@ def run(cfg: AgentConfig, client=None, log=lambda s: print(s, file=sys.stderr, f
                 f"| {counts['words']:,} words | eta {eta / 60:.1f} min")
 
     try:
-        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        # items in flight, and the calls their sections make when asked at once (at most --workers either way)
+        with ThreadPoolExecutor(max(1, cfg.workers)) as pool, ThreadPoolExecutor(max(1, cfg.workers)) as calls:
             futures = [pool.submit(one, key, src) for key, src in todo]
             try:
                 for f in futures:
                     f.result()
             except AuthError:
                 pool.shutdown(cancel_futures=True)
+                calls.shutdown(cancel_futures=True)
                 raise
     finally:
         if own and isinstance(client, LocalClient):

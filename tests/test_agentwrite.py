@@ -780,8 +780,9 @@ def test_a_finished_local_rerun_loads_no_model_and_a_closed_client_exits_cleanly
     assert done.returncode == 0, done.stderr
 
 
-def test_a_local_writer_gets_one_cache_row_per_item_not_per_worker(tmp_path, monkeypatch):
-    """Each row is a whole context of cache: --workers 64 for 2 items held 24 GB of SmolLM2 cache and was killed."""
+def test_a_local_writer_gets_one_cache_row_per_call_in_flight_not_per_worker(tmp_path, monkeypatch):
+    """Each row is a whole context of cache: --workers 64 for 2 items held 24 GB of SmolLM2 cache and was killed.
+    A skeleton's sections are asked at once (a row each); sections that see the text so far, one item at a time."""
     import agentwrite
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -801,11 +802,51 @@ def test_a_local_writer_gets_one_cache_row_per_item_not_per_worker(tmp_path, mon
     prompts = lambda n: "".join(json.dumps({"prompt": f"Write a 700-word essay on tides, part {k}."}) + "\n"
                                 for k in range(n))
     inputs.write_text(prompts(2))
-    cfg = lambda workers: AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton",
-                                      checkpoint=str(ckpt), workers=workers)
-    assert run(cfg(64), log=quiet)["done"] == 2 and rows == [2]
+    cfg = lambda workers, out="out.jsonl", **kw: AgentConfig(input=str(inputs), output=str(tmp_path / out),
+                                                           plan="skeleton", checkpoint=str(ckpt), workers=workers, **kw)
+    assert run(cfg(64), log=quiet)["done"] == 2 and rows == [4]  # 2 items of 2 sections
     inputs.write_text(prompts(7))  # 5 more to write: as many rows as workers
-    assert run(cfg(3), log=quiet)["done"] == 5 and rows == [2, 3]
+    assert run(cfg(3), log=quiet)["done"] == 5 and rows == [4, 3]
+    seen = tmp_path / "seen.txt"
+    seen.write_text("{instruction} So far: {text} Now {point}, in about {words} words.")
+    assert run(cfg(64, "seen.jsonl", write_prompt=str(seen)), log=quiet)["done"] == 7 and rows == [4, 3, 7]
+
+
+class WaitingWriter(SectionWriter):
+    """Answers no section until `n` are asked at once, then the last section first."""
+
+    def __init__(self, n, timeout=10):
+        super().__init__()
+        self.together = threading.Barrier(n, timeout=timeout)
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        text, finish = super().complete(messages, max_tokens, temperature)
+        k = self.together.wait()  # raises BrokenBarrierError when the sections are asked one after another
+        time.sleep(0.1 * k)  # the barrier's indices run n-1 .. 0: the first to arrive ends last
+        return f"Section {messages[-1]['content'][-40:]!r}. " + text, finish
+
+
+def test_a_skeletons_sections_are_asked_at_once_and_the_answer_keeps_their_order(tmp_path):
+    """A skeleton's section prompt does not see the text so far, so the sections need not wait for each other:
+    SmolLM2-135M's 9-section answers kept AgentWrite's 16 rows a third full while they were written one by one."""
+    from agentwrite import SECTION_PROMPT, skeleton_plan
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
+    writer = WaitingWriter(3)
+    counts = run(AgentConfig(input=str(inputs), output=str(tmp_path / "out.jsonl"), plan="skeleton", workers=3),
+                 client=writer, log=quiet)
+    assert counts["done"] == 1
+    prompts = [fill(SECTION_PROMPT, instruction="Write a 1,050-word essay on tides.", point=s["point"], words=str(s["words"]))
+               for s in skeleton_plan("Write a 1,050-word essay on tides.", 1050, 350)]
+    answer = json.loads(open(tmp_path / "out.jsonl").read())["messages"][1]["content"]
+    starts = [answer.index(f"Section {p[-40:]!r}") for p in prompts]
+    assert starts == sorted(starts) and sorted(writer.calls) == sorted(prompts)  # plan order, whatever ended first
+    # sections that see the text so far are asked one by one, each after the last (3 at once would never come)
+    seen = tmp_path / "seen.txt"
+    seen.write_text("{instruction} So far: {text} Now {point}, in about {words} words.")
+    with pytest.raises(threading.BrokenBarrierError):
+        run(AgentConfig(input=str(inputs), output=str(tmp_path / "seen.jsonl"), plan="skeleton", workers=3,
+                        write_prompt=str(seen)), client=WaitingWriter(3, timeout=1), log=quiet)
 
 
 def test_a_local_writer_whose_cache_cannot_fit_is_refused_before_its_thread_starts(tmp_path, monkeypatch):
