@@ -828,7 +828,7 @@ class WaitingWriter(SectionWriter):
 
 def test_a_skeletons_sections_are_asked_at_once_and_the_answer_keeps_their_order(tmp_path):
     """A skeleton's section prompt does not see the text so far, so the sections need not wait for each other:
-    SmolLM2-135M's 9-section answers kept AgentWrite's 16 rows a third full while they were written one by one."""
+    SmolLM2-135M's 9-section answers left about a third of AgentWrite's 16 rows empty, written one by one."""
     from agentwrite import SECTION_PROMPT, skeleton_plan
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides."}) + "\n")
@@ -841,6 +841,21 @@ def test_a_skeletons_sections_are_asked_at_once_and_the_answer_keeps_their_order
     answer = json.loads(open(tmp_path / "out.jsonl").read())["messages"][1]["content"]
     starts = [answer.index(f"Section {p[-40:]!r}") for p in prompts]
     assert starts == sorted(starts) and sorted(writer.calls) == sorted(prompts)  # plan order, whatever ended first
+
+    # killed or failed halfway, a rerun asks only the sections missing, wherever they fall
+    class Failing(WaitingWriter):
+        def complete(self, messages, max_tokens, temperature=0.7):
+            if "its background and history" in messages[-1]["content"]:  # the middle one of three, once all are asked
+                self.together.wait()
+                raise APIError("HTTP 400 from the endpoint")
+            return super().complete(messages, max_tokens, temperature)
+
+    first, second = Failing(3), SectionWriter()
+    cfg = AgentConfig(input=str(inputs), output=str(tmp_path / "gap.jsonl"), plan="skeleton", workers=3)
+    assert run(cfg, client=first, log=quiet)["failed"] == 1 and len(first.calls) == 2  # sections 1 and 3 cached
+    assert run(cfg, client=second, log=quiet)["done"] == 1 and second.calls == [prompts[1]]
+    words = json.loads(open(tmp_path / "gap.jsonl").read())["paragraph_words"]
+    assert words[1] == 350 and words[0] > 350 and words[2] > 350  # the first run's sections (their "Section" prefix) kept
     # sections that see the text so far are asked one by one, each after the last (3 at once would never come)
     seen = tmp_path / "seen.txt"
     seen.write_text("{instruction} So far: {text} Now {point}, in about {words} words.")
