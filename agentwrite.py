@@ -700,7 +700,7 @@ class AgentConfig:
     checkpoint: str = ""                 # write with our own model in-process instead of an endpoint
     plan_prompt: str = ""                # file replacing PLAN_PROMPT ({instruction} marker)
     write_prompt: str = ""               # file replacing WRITE_PROMPT ({instruction} {plan} {text} {step} markers)
-    workers: int = 8                     # calls at once: items in flight, or with --plan skeleton sections (rows decoded with --checkpoint)
+    workers: int = 8                     # calls at once (items, or a skeleton's sections, in flight; rows with --checkpoint)
     max_retries: int = 5                 # per call: timeouts, 429 and 5xx are retried with backoff
     timeout: float = 600.0               # seconds per call
     backoff: float = 1.0
