@@ -208,7 +208,8 @@ def fill(template: str, **values) -> str:
 # -----------------------------------------------------------------------------
 # skeleton plans, for writers too small to plan: asked for a plan (or a list of section titles),
 # SmolLM2-135M writes an essay. The code lays out the sections, their points and word counts from the
-# asked length and the kind of piece, and a short prompt (SECTION_PROMPT) asks for one section at a time.
+# asked length and the kind of piece, and a short prompt (SECTION_PROMPT) asks for each section in a call of
+# its own; it shows no text written before, so an item's calls go out at once (write_item's `calls`).
 
 ASKED_RE = re.compile(rf"({NUM})\s*-?\s*(?:words?\b|字)", re.I)
 STORY_RE = re.compile(r"\b(?:stor(?:y|ies)|tale|novel|fiction|fable|narrative)\b|小说|故事", re.I)

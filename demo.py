@@ -482,7 +482,7 @@ def run_real(cfg: RealConfig, writer=None):
     """The recipe on a model that learned language elsewhere: convert its GGUF file, measure how long it writes
     when asked for 1,500-3,000 words, let it write long answers for our own instructions with AgentWrite, fine-tune
     it on them, measure again. A 135M model cannot plan, so AgentWrite lays out the sections itself (--plan
-    skeleton) and asks for one ~350-word section at a time, which is about what the model writes when asked.
+    skeleton) and asks for each ~350-word section in a call of its own, about what the model writes when asked.
     writer: an AgentWrite client to write with instead of the base checkpoint (the tests' scripted one)."""
     for flag, value, need in (("--samples", cfg.samples, "each request needs at least 1 answer"),
                               ("--slots", cfg.slots, "at least 1 row decodes at a time"),
