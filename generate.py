@@ -6,6 +6,8 @@ Usage:
 Streams the answer to stdout and ends with one summary line (tokens, words, tokens/s).
 """
 import argparse
+import ctypes
+import ctypes.util
 import sys
 import time
 from dataclasses import dataclass
@@ -153,6 +155,19 @@ def recent_tokens(histories: list[list[int]], window: int, device) -> torch.Tens
     return out.to(device)
 
 
+def keep_freed_memory():
+    """Have glibc keep freed memory for reuse. By default it maps each block of a few MB afresh and hands the heap's
+    free top back to the OS, so a CPU decode step's temporaries (16 rows of a 49k vocabulary's logits are 3 MB in
+    float32) page-fault thousands of times a step: the rules and sampling over 16 rows took 20 ms instead of 12 on
+    a 2-core CPU. Process-wide, and only where the C library is glibc (elsewhere nothing changes)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap, not from a fresh mapping
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GB free at the heap's top stays there
+
+
 def filled(n: int, block: int = 256) -> int:
     """Cache slots an eager decode step reads when n are in use: n rounded up to a whole block."""
     return -(-n // block) * block
@@ -179,6 +194,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for i, p in enumerate(prompts):  # left padding puts every prompt at P tokens
         check_request(model, [0] * P, max_new_tokens, S, f"prompt {i}" if B > 1 else "prompt")
     check_cache_memory(model, B, S)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(seed)
     logits, start, slots = prefill(model, prompts, S)
 
@@ -325,6 +342,8 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
     no_repeat_ngram = n >= 2 never lets an answer repeat one of its own n-grams (see no_repeat); the stop
     tokens keep the model's probability under both (see keep_stop_odds)."""
     device = model.embed_tokens.weight.device
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(seed)
     model.setup_cache(slots, row_len)
     caches = [layer.self_attn.cache for layer in model.layers]
