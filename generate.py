@@ -88,15 +88,16 @@ def prefill(model, prompts: list[list[int]], cache_len: int):
 
 
 def penalize(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
-    """The repetition penalty of CTRL (Keskar et al., 2019) over each row's recent tokens recent (B, N), -1
+    """The repetition penalty of CTRL (Keskar et al., 2019) over each row's recent tokens recent (B, N), then -1
     where a row has fewer: a token seen there has its logit divided by `penalty` when positive and
     multiplied by it when negative. As in llama.cpp only the last N tokens count (transformers counts the
     whole text, which in a 10,000-word answer penalizes every common word). Small models need it: without,
     SmolLM2-135M repeats one sentence after a few hundred words."""
-    B, V = logits.shape
-    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
-    seen = seen.scatter_(1, torch.where(recent >= 0, recent, V), True)[:, :V]  # column V takes the padding
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    real = recent >= 0  # the padding comes after a row's tokens: it repeats the first one, penalized alike
+    cols = torch.where(real, recent, recent[:, :1].clamp_min(0))
+    old = logits.gather(1, cols)  # only the recent tokens' logits change: a full-vocabulary pass is a copy
+    new = torch.where(real[:, :1], torch.where(old > 0, old / penalty, old * penalty), old)
+    return logits.scatter(1, cols, new)
 
 
 def no_repeat(out: list[int], seen: dict, n: int) -> set:
@@ -383,13 +384,13 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                 logits = torch.cat([logits[:live], logits.new_zeros(max(0, live - logits.shape[0]), vocab)])
                 for r, l in fresh.items():
                     logits[r] = l
-            greedy = all(rows[r] is None or host_temps[r] <= 0 for r in range(live))
             ruled = rows[:live]
+            used = {host_temps[r] for r in range(live) if rows[r] is not None}  # one number: no per-row passes
+            t = temps[:live] if len(used) > 1 and max(used) > 0 else max(max(used), 0.0)
             logits = apply_rules(logits[:live], [row[5] + row[4][-repetition_window:] if row else [] for row in ruled],
                                  [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in ruled]
-                                 if no_repeat_ngram else None, repetition_penalty, repetition_window, stop_mask[:live],
-                                 temps[:live])
-            toks = sample(logits, 0.0 if greedy else temps[:live], top_k, top_p)
+                                 if no_repeat_ngram else None, repetition_penalty, repetition_window, stop_mask[:live], t)
+            toks = sample(logits, t, top_k, top_p)
             pos = []
             for r, t in enumerate(toks.tolist()):  # the one host sync per step
                 row = rows[r]

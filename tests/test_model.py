@@ -520,6 +520,40 @@ def test_the_repetition_penalty_divides_positive_and_multiplies_negative_logits_
     assert torch.equal(out, torch.tensor([[1.0, -2.0, 3.0, 0.5, -2.0], [1.0, 1.0, 1.0, 1.0, 0.5]]))
 
 
+def test_the_repetition_penalty_equals_the_dense_formula_with_repeats_padding_and_empty_rows():
+    """Only the recent tokens' logits are rewritten (a scatter): a token seen twice, the -1 padding and a row with
+    no recent token must leave every logit as the full-vocabulary formula has it."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(5, 300) * 4).to(dtype)
+        recent = torch.randint(0, 300, (5, 64))
+        recent[1, 5], recent[1, 40:] = 0, -1  # fewer tokens, token 0 among them
+        recent[2, 1:] = recent[2, 0]  # one token, over and over
+        recent[3] = -1  # none yet
+        recent[4, 10:20] = 0  # token 0, which the padding of other rows might be mistaken for
+        seen = torch.zeros(5, 300, dtype=torch.bool)
+        for b in range(5):
+            seen[b, [t for t in recent[b].tolist() if t >= 0]] = True
+        want = torch.where(seen, torch.where(logits > 0, logits / 1.3, logits * 1.3), logits)
+        assert torch.equal(penalize(logits, recent, 1.3), want), dtype
+
+
+def test_rows_of_their_own_temperatures_share_a_batch(checkpoints):
+    """A greedy request beside sampled ones stays greedy (the sampler gets one temperature per row), and a batch
+    of one temperature samples as it always did."""
+    from generate import continuous
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    temps = [0.0, 1.5, 0.0]
+    waiting = iter([(i, p, 12, [9999], t) for i, (p, t) in enumerate(zip(prompts, temps))])
+    got = dict(continuous(model, lambda block: next(waiting, None), 3, 32, seed=0))
+    assert got[0] == free_runs(model, [prompts[0]], 12)[0] and got[2] == free_runs(model, [prompts[2]], 12)[0]
+    assert got[1] != free_runs(model, [prompts[1]], 12)[0]
+    waiting = iter([(i, p, 12, [9999], 0.0) for i, p in enumerate(prompts)])
+    assert dict(continuous(model, lambda block: next(waiting, None), 3, 32)) == {
+        i: free_runs(model, [p], 12)[0] for i, p in enumerate(prompts)}
+
+
 def test_penalized_greedy_answers_agree_between_static_and_continuous_batching_and_repeat_less(checkpoints):
     model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
