@@ -131,7 +131,7 @@ def keep_stop_odds(raw: torch.Tensor, ruled: torch.Tensor, stops: torch.Tensor, 
     2.6x its own under a penalty of 1.1 over 64 tokens. The rules choose among words; the model says when to stop."""
     t = temperature.clamp_min(1e-4)[:, None] if isinstance(temperature, torch.Tensor) else max(temperature, 1e-4)
     raw, ruled = raw.float(), ruled.float()
-    words = lambda x: (x / t).masked_fill(stops, float("-inf")).logsumexp(-1, keepdim=True)
+    words = lambda x: (x / t).masked_fill_(stops, float("-inf")).logsumexp(-1, keepdim=True)
     return torch.where(stops, raw + t * (words(ruled) - words(raw)), ruled)  # words' mass at t: ruled / raw
 
 
