@@ -378,7 +378,7 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
             if not any(rows):
                 return
             # eager: the rules and the sampling see the rows up to the last one in use (over 16 rows of a 49k
-            # vocabulary they cost 15-20 ms a step on a 2-core CPU, a lone long answer's own step ~45 ms)
+            # vocabulary they cost 12-20 ms a step on a 2-core CPU, a lone long answer's own step ~45 ms)
             live = slots if compile else max(r for r in range(slots) if rows[r] is not None) + 1
             if fresh or logits.shape[0] < live:
                 logits = torch.cat([logits[:live], logits.new_zeros(max(0, live - logits.shape[0]), vocab)])
@@ -386,11 +386,12 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                     logits[r] = l
             ruled = rows[:live]
             used = {host_temps[r] for r in range(live) if rows[r] is not None}  # one number: no per-row passes
-            t = temps[:live] if len(used) > 1 and max(used) > 0 else max(max(used), 0.0)
+            temp = temps[:live] if len(used) > 1 and max(used) > 0 else max(max(used), 0.0)
             logits = apply_rules(logits[:live], [row[5] + row[4][-repetition_window:] if row else [] for row in ruled],
                                  [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in ruled]
-                                 if no_repeat_ngram else None, repetition_penalty, repetition_window, stop_mask[:live], t)
-            toks = sample(logits, t, top_k, top_p)
+                                 if no_repeat_ngram else None, repetition_penalty, repetition_window, stop_mask[:live],
+                                 temp)
+            toks = sample(logits, temp, top_k, top_p)
             pos = []
             for r, t in enumerate(toks.tolist()):  # the one host sync per step
                 row = rows[r]
