@@ -384,11 +384,11 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
                 logits = torch.cat([logits[:live], logits.new_zeros(max(0, live - logits.shape[0]), vocab)])
                 for r, l in fresh.items():
                     logits[r] = l
-            ruled = rows[:live]
+            shown = rows[:live]  # the rows the rules and the sampler see
             used = {host_temps[r] for r in range(live) if rows[r] is not None}  # one number: no per-row passes
             temp = temps[:live] if len(used) > 1 and max(used) > 0 else max(max(used), 0.0)
-            logits = apply_rules(logits[:live], [row[5] + row[4][-repetition_window:] if row else [] for row in ruled],
-                                 [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in ruled]
+            logits = apply_rules(logits[:live], [row[5] + row[4][-repetition_window:] if row else [] for row in shown],
+                                 [no_repeat(row[4], row[6], no_repeat_ngram) if row else () for row in shown]
                                  if no_repeat_ngram else None, repetition_penalty, repetition_window, stop_mask[:live],
                                  temp)
             toks = sample(logits, temp, top_k, top_p)
