@@ -361,6 +361,7 @@ class LocalClient:
         # a cache row: the model's context (or --context), at most row_len tokens (the cache holds max_batch rows)
         self.row_len = min(row_len, context_of(self.model, context))
         check_cache_memory(self.model, max_batch, self.row_len)  # here, before the serving thread
+        self.threads = torch.get_num_threads()  # the serving thread's own are the default, not this setting
         self.closed, self.thread = False, threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -390,7 +391,9 @@ class LocalClient:
         return text, finish_reason(ids, max_tokens)
 
     def serve(self):
+        import torch
         from generate import continuous
+        torch.set_num_threads(self.threads)  # MKL's threads are set per thread: a new one would use every core
         pending = set()
 
         def next_request(block):

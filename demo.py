@@ -17,12 +17,14 @@ with the same settings reuses what is finished; other settings need --overwrite 
 """
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -327,6 +329,7 @@ class RealConfig:
     freeze_layers: int = 20      # SFT trains the top 30 - N blocks (1.7x faster steps on CPU); 0: the whole model
     max_tokens: int = 6144       # SFT rows (the longest answers are ~4,500 words)
     slots: int = 16              # rows decoded at once when answering and writing
+    side_by_side: bool = True    # CPU: stage 2 in a process of its own on half the threads, beside stage 3 (1.5x sooner)
     seed: int = 0
     overwrite: bool = False
     real: bool = True            # the real-model run (--no-real: the toy demo's flags)
@@ -388,7 +391,7 @@ def real_dtype(cfg) -> str:
     return "bfloat16" if cfg.device.startswith("cuda") or native else "float32"
 
 
-def answer_real(ckpt, rows, out_path, cfg) -> list[dict]:
+def answer_real(ckpt, rows, out_path, cfg, checked=None) -> list[dict]:
     """Predictions of the checkpoint (finished ones reused), each limited to limit_factor x the asked words."""
     dtype = real_dtype(cfg)
     model, tok = Transformer.from_pretrained(ckpt, compute_dtype(dtype, cfg.device), cfg.device).eval(), load_tokenizer(ckpt)
@@ -397,7 +400,47 @@ def answer_real(ckpt, rows, out_path, cfg) -> list[dict]:
     return predict_local(model, tok, rows, out_path, limits, temperature=cfg.temperature, top_p=cfg.top_p,
                          batch_size=cfg.slots, seed=cfg.seed, compile=cfg.device.startswith("cuda"),
                          model_id={**agentwrite.checkpoint_identity(ckpt), "dtype": dtype}, repetition_penalty=cfg.repetition_penalty,
-                         no_repeat_ngram=cfg.no_repeat_ngram, log=lambda s: None)
+                         no_repeat_ngram=cfg.no_repeat_ngram, log=lambda s: None, checked=checked)
+
+
+def answer_beside(ckpt, rows, out_path, cfg, threads: int, checked):
+    """answer_real in a process of its own (side_process) on `threads` of torch's threads; checked: an Event."""
+    torch.set_num_threads(threads)
+    try:
+        answer_real(ckpt, rows, out_path, cfg, checked=checked.set)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+@contextmanager
+def side_process(target, args: tuple, threads: int):
+    """Runs target(*args, threads, checked) in a process of its own while the with-block runs here on the rest of
+    torch's threads; waits for it at the end, stops it if the block fails. The block starts once the target has set
+    the Event `checked` (its input is good), so bad input ends the run at once, not after the block's minutes.
+    Why: on a CPU, a decoding step over many rows gains little from a second thread (Python and small kernels), so
+    two decoding stages side by side, one thread each, ended 1.5x sooner on 2 cores than one after the other on
+    both (BENCHMARKS.md). Spawned, not forked: a fork of a process whose torch threads run can hang."""
+    total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
+    checked = ctx.Event()
+    child = ctx.Process(target=target, args=(*args, threads, checked), daemon=True)
+    child.start()
+    while not checked.wait(0.2) and child.is_alive():
+        pass
+    if not checked.is_set() and child.exitcode:
+        sys.exit(f"error: the process beside this one ({target.__name__}) ended with exit code {child.exitcode}; "
+                 "its error is above")
+    torch.set_num_threads(total - threads)
+    try:
+        yield
+    except BaseException:
+        child.terminate()  # what it finished is on disk already; a rerun goes on from there
+        raise
+    finally:
+        child.join()
+        torch.set_num_threads(total)
+    if child.exitcode != 0:
+        sys.exit(f"error: the process beside this one ({target.__name__}) ended with exit code {child.exitcode}; "
+                 "its error is above")
 
 
 def sentences(text: str) -> list[str]:
@@ -512,10 +555,16 @@ def run_real(cfg: RealConfig, writer=None):
     print(f"{base}: context {read_config(base)['max_position_embeddings']} tokens; computing in {real_dtype(cfg)}")
     asked = [{**r, "sample": k} for r in rows for k in range(cfg.samples)]  # request j's answers: j*K .. j*K+K-1
     each = f", {cfg.samples} answers each" if cfg.samples > 1 else ""
-    preds = {}
+    preds, base_preds = {}, os.path.join(cfg.out, "pred-base.jsonl")
+    sft_out = os.path.join(cfg.out, "sft")
+    latest, finished = os.path.join(sft_out, "latest"), os.path.join(sft_out, "finished")
+    threads = torch.get_num_threads()
+    beside = cfg.side_by_side and cfg.device == "cpu" and threads >= 2 and not os.path.isfile(finished)
     stage(f"2. the base model answers {len(rows)} held-out requests of {cfg.eval_min}-{cfg.eval_max} words{each} "
-          f"(limit: {cfg.limit_factor:g}x the asked words)")
-    preds["base"] = answer_real(base, asked, os.path.join(cfg.out, "pred-base.jsonl"), cfg)
+          f"(limit: {cfg.limit_factor:g}x the asked words)"
+          + (f", in a process of its own on {threads // 2} of {threads} threads, beside 3." if beside else ""))
+    if not beside:
+        preds["base"] = answer_real(base, asked, base_preds, cfg)
 
     stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
     inst_file, data = os.path.join(cfg.out, "instructions.jsonl"), os.path.join(cfg.out, "agentwrite.jsonl")
@@ -523,21 +572,23 @@ def run_real(cfg: RealConfig, writer=None):
         f.writelines(json.dumps(r) + "\n" for r in train_rows)
     os.replace(inst_file + ".tmp", inst_file)
     t0 = time.time()
-    sft_out = os.path.join(cfg.out, "sft")
-    latest, finished = os.path.join(sft_out, "latest"), os.path.join(sft_out, "finished")
-    if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
-        agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
-                                              section_words=cfg.section_words, section_limit=cfg.section_limit,
-                                              headings=cfg.headings, workers=cfg.slots, dtype=real_dtype(cfg),
-                                              temperature=cfg.temperature, top_p=cfg.top_p,
-                                              repetition_penalty=cfg.repetition_penalty,
-                                              no_repeat_ngram=cfg.no_repeat_ngram),
-                       client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
-    records = read_jsonl(data, lambda r: r)[0] if os.path.isfile(data) else []
-    if len(records) < 2:
-        sys.exit(f"error: AgentWrite kept {len(records)} answers in {data}; nothing to fine-tune on")
-    print(f"{len(records)} answers of {min(r['words'] for r in records)}-{max(r['words'] for r in records)} words "
-          f"({time.time() - t0:.0f} s)")
+    with side_process(answer_beside, (base, asked, base_preds, cfg), threads // 2) if beside else nullcontext():
+        if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
+            agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
+                                                  section_words=cfg.section_words, section_limit=cfg.section_limit,
+                                                  headings=cfg.headings, workers=cfg.slots, dtype=real_dtype(cfg),
+                                                  temperature=cfg.temperature, top_p=cfg.top_p,
+                                                  repetition_penalty=cfg.repetition_penalty,
+                                                  no_repeat_ngram=cfg.no_repeat_ngram),
+                           client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
+        records = read_jsonl(data, lambda r: r)[0] if os.path.isfile(data) else []
+        if len(records) < 2:
+            sys.exit(f"error: AgentWrite kept {len(records)} answers in {data}; nothing to fine-tune on")
+        print(f"{len(records)} answers of {min(r['words'] for r in records)}-{max(r['words'] for r in records)} words "
+              f"({time.time() - t0:.0f} s)" + ("; waiting for stage 2" if beside else ""), flush=True)
+    if beside:
+        preds["base"] = answer_real(base, asked, base_preds, cfg)  # all written by stage 2's process: read back
+        print(f"stage 2's answers came {time.time() - t0:.0f} s after stage 3 began")
 
     trained = read_config(base)["num_hidden_layers"] - cfg.freeze_layers
     stage(f"4. SFT of the base model on them: {cfg.sft_epochs} epochs, lr {cfg.sft_lr:g}, "

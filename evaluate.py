@@ -219,12 +219,13 @@ def generation_record(model_id: dict, max_new: int, temperature, top_p, seed, sy
 
 def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5, top_p=0.8, batch_size=8,
                   seed=0, compile=False, model_id=None, system="", context=0, overwrite=False, log=print,
-                  repetition_penalty=1.0, no_repeat_ngram=0):
+                  repetition_penalty=1.0, no_repeat_ngram=0, checked=None):
     """Answer every benchmark row with our model by continuous batching over `batch_size` rows. max_new_tokens:
     one for all or one per row; 0 fills the context (prompt + answer = the model's context, or --context),
     and a limit that does not fit is refused before decoding. Each answer is appended to out_path as soon as
     it ends, with the generation that made it and its finish_reason ("length": cut at the limit), so a killed
-    run resumes with only the unfinished prompts and a run with another model never reuses them."""
+    run resumes with only the unfinished prompts and a run with another model never reuses them.
+    checked(): called once the limits and the answers already in out_path have passed their checks."""
     from dataset import chat_prompt_ids
     from generate import finish_reason, fit_new_tokens, generate_many
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}], system) for r in rows]
@@ -236,6 +237,8 @@ def predict_local(model, tok, rows, out_path, max_new_tokens=0, temperature=0.5,
     settings = [generation_record(model_id, m, temperature, top_p, seed, system, repetition_penalty, no_repeat_ngram,
                                   tok.template if tok.forced else "") for m in limits]
     done = resume_predictions(out_path, settings, rows, overwrite, log)
+    if checked is not None:
+        checked()
     out = JsonlLog(out_path)
     todo = [i for i in range(len(rows)) if i not in done]
     answers = generate_many(model, [prompts[i] for i in todo], [limits[i] for i in todo], tok.stop_ids, batch_size,

@@ -435,6 +435,24 @@ def test_a_local_call_joins_the_running_batch_instead_of_waiting_for_it(tmp_path
         client.chat([{"role": "user", "content": "the sea"}], 5000)
 
 
+def test_the_local_writer_decodes_on_as_many_threads_as_its_maker_set(tmp_path, monkeypatch):
+    """torch.set_num_threads holds for the thread that calls it: MKL's matmuls in a new thread use every core again.
+    demo.py --real writes with one thread while the base model answers on the other in a process of its own; the
+    serving thread took both cores, and the two stages fought over them."""
+    import torch
+    tiny_checkpoint(tmp_path)
+    before, calls, real = torch.get_num_threads(), [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append((threading.current_thread().name, n)), real(n)))
+    try:
+        real(1)
+        client = LocalClient(str(tmp_path), device="cpu", max_batch=2, row_len=256)
+        client.chat([{"role": "user", "content": "the sea"}], 3)
+        client.close()
+    finally:
+        real(before)
+    assert (client.thread.name, 1) in calls
+
+
 def test_the_local_writer_decodes_eagerly_on_cuda_too(tmp_path, monkeypatch):
     """Its serving thread is not the main thread: on torch 2.11 (the GPU machine's) a compiled CUDA graph run there
     fails an assertion in inductor's thread-local graph state once the main thread has compiled (pytorch#123177),

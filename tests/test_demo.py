@@ -93,16 +93,31 @@ class Writer:
         return self.complete(messages, max_tokens, temperature)[0]
 
 
-def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_them(tmp_path, capsys):
+@pytest.fixture
+def two_threads():
+    """torch on 2 threads (a 1-core CI machine too): the real demo then answers beside AgentWrite (side_process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_real(tmp_path) -> RealConfig:
     pytest.importorskip("gguf", reason="the gguf package (test-only) writes the tiny GGUF file")
     from test_gguf import write_gguf
     write_gguf(tmp_path / "tiny.gguf", quantized=True, context=2048)
-    cfg = RealConfig(out=str(tmp_path / "real"), gguf=str(tmp_path / "tiny.gguf"), eval_min=2800, eval_max=3000,
-                     limit_factor=0.02, train_items=3, train_lengths="60,90", section_words=30, sft_epochs=2,
-                     freeze_layers=1, max_tokens=1024, slots=4, samples=2)
+    return RealConfig(out=str(tmp_path / "real"), gguf=str(tmp_path / "tiny.gguf"), eval_min=2800, eval_max=3000,
+                      limit_factor=0.02, train_items=3, train_lengths="60,90", section_words=30, sft_epochs=2,
+                      freeze_layers=1, max_tokens=1024, slots=4, samples=2)
+
+
+def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_them(tmp_path, capsys, two_threads):
+    cfg = tiny_real(tmp_path)
     writer = Writer()
     run_real(cfg, writer=writer)
     stdout = capsys.readouterr().out
+    assert "(limit: 0.02x the asked words), in a process of its own on 1 of 2 threads, beside 3." in stdout
+    assert torch.get_num_threads() == 2  # given back after the two stages
     out = tmp_path / "real"
     for name in ("base/config.json", "base/chat_template.jinja", "pred-base.jsonl", "instructions.jsonl",
                  "agentwrite.jsonl", "sft/finished", "pred-sft.jsonl", "lengths.svg", "scores.json"):
@@ -141,6 +156,23 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     # exist": the folder was deleted after the converted model had been found there)
     run_real(dataclasses.replace(cfg, sft_epochs=1, overwrite=True), writer=writer)
     assert writer.calls == 14 and capsys.readouterr().out.count("| all ") == 1
+
+
+def test_bad_input_for_the_answers_beside_agentwrite_ends_the_demo_before_agentwrite_writes(tmp_path, capfd,
+                                                                                             two_threads):
+    """The base model's answers run in a process of their own beside AgentWrite; when they are refused (here the
+    file holds an answer made with other settings) the demo ends at once, not after AgentWrite's minutes."""
+    cfg = tiny_real(tmp_path)
+    out = tmp_path / "real"
+    out.mkdir()
+    (out / "demo_config.json").write_text(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"}))
+    other = {"index": 0, "prompt": "Write 3000 words.", "length": 3000, "response": "x", "generation": {"model": "other"}}
+    (out / "pred-base.jsonl").write_text(json.dumps(other) + "\n")
+    writer = Writer()
+    with pytest.raises(SystemExit, match=r"^error: the process beside this one \(answer_beside\) ended with exit code 1"):
+        run_real(cfg, writer=writer)
+    assert writer.calls == 0 and "pred-base.jsonl: row 0 was made by other settings" in capfd.readouterr().err
+    assert torch.get_num_threads() == 2
 
 
 def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_paired():
