@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -329,7 +330,7 @@ class RealConfig:
     freeze_layers: int = 20      # SFT trains the top 30 - N blocks (1.7x faster steps on CPU); 0: the whole model
     max_tokens: int = 6144       # SFT rows (the longest answers are ~4,500 words)
     slots: int = 16              # rows decoded at once when answering and writing
-    side_by_side: bool = True    # CPU: stage 2 in a process of its own on half the threads, beside stage 3 (1.5x sooner)
+    side_by_side: bool = True    # CPU: stage 2 in a process of its own on half the threads, beside stage 3 (1.3-1.5x sooner)
     seed: int = 0
     overwrite: bool = False
     real: bool = True            # the real-model run (--no-real: the toy demo's flags)
@@ -404,8 +405,12 @@ def answer_real(ckpt, rows, out_path, cfg, checked=None) -> list[dict]:
 
 
 def answer_beside(ckpt, rows, out_path, cfg, threads: int, checked):
-    """answer_real in a process of its own (side_process) on `threads` of torch's threads; checked: an Event."""
+    """answer_real in a process of its own (side_process) on `threads` of torch's threads, on all of them once
+    SIGUSR1 comes (the stage beside has ended); checked: an Event."""
+    total = torch.get_num_threads()
     torch.set_num_threads(threads)
+    if hasattr(signal, "SIGUSR1"):  # a handler runs in the main thread, the one decoding (MKL's count is per thread)
+        signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(total))
     try:
         answer_real(ckpt, rows, out_path, cfg, checked=checked.set)
     except (FileNotFoundError, ValueError) as e:
@@ -417,9 +422,10 @@ def side_process(target, args: tuple, threads: int):
     """Runs target(*args, threads, checked) in a process of its own while the with-block runs here on the rest of
     torch's threads; waits for it at the end, stops it if the block fails. The block starts once the target has set
     the Event `checked` (its input is good), so bad input ends the run at once, not after the block's minutes.
-    Why: on a CPU, a decoding step over many rows gains little from a second thread (Python and small kernels), so
-    two decoding stages side by side, one thread each, ended 1.5x sooner on 2 cores than one after the other on
-    both (BENCHMARKS.md). Spawned, not forked: a fork of a process whose torch threads run can hang."""
+    Once the block has ended the target is sent SIGUSR1, to go on alone on every thread. Why: on a CPU, a decoding
+    step over many rows gains little from a second thread (Python and small kernels), so two decoding stages side by
+    side, one thread each, ended 1.3-1.5x sooner on 2 cores than one after the other on both (BENCHMARKS.md); a lone
+    long answer at the end wants both. Spawned, not forked: a fork of a process whose torch threads run can hang."""
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
     checked = ctx.Event()
     child = ctx.Process(target=target, args=(*args, threads, checked), daemon=True)
@@ -436,6 +442,8 @@ def side_process(target, args: tuple, threads: int):
         child.terminate()  # what it finished is on disk already; a rerun goes on from there
         raise
     finally:
+        if child.is_alive() and hasattr(signal, "SIGUSR1"):
+            os.kill(child.pid, signal.SIGUSR1)
         child.join()
         torch.set_num_threads(total)
     if child.exitcode != 0:

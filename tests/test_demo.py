@@ -175,6 +175,49 @@ def test_bad_input_for_the_answers_beside_agentwrite_ends_the_demo_before_agentw
     assert torch.get_num_threads() == 2
 
 
+def wait_for_sigusr1(path, threads, checked):
+    """A process beside (side_process's target): tells whether SIGUSR1 came within a minute of its start."""
+    import signal
+    import time
+    came = []
+    signal.signal(signal.SIGUSR1, lambda *_: came.append(True))
+    checked.set()
+    end = time.time() + 60
+    while not came and time.time() < end:
+        time.sleep(0.05)
+    open(path, "w").write(f"{threads} threads, " + ("signalled" if came else "never signalled"))
+
+
+def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decodes_on_every_thread(tmp_path,
+                                                                                                 monkeypatch):
+    """A lone long answer at the end of the base model's answers ran on 1 of 2 threads for ~10 minutes after
+    AgentWrite had ended: the process beside now gets SIGUSR1 and takes every thread."""
+    import signal
+
+    import demo
+    with demo.side_process(wait_for_sigusr1, (str(tmp_path / "said"),), 1):
+        pass
+    assert (tmp_path / "said").read_text() == "1 threads, signalled"
+    seen, before = [], torch.get_num_threads()
+
+    def answer_real(*args, checked):  # what answer_beside runs: here it signals itself, then looks
+        checked()
+        seen.append(torch.get_num_threads())
+        signal.raise_signal(signal.SIGUSR1)
+        seen.append(torch.get_num_threads())
+    monkeypatch.setattr(demo, "answer_real", answer_real)
+    handler = signal.getsignal(signal.SIGUSR1)
+    try:
+        torch.set_num_threads(2)
+        import threading
+        ready = threading.Event()
+        demo.answer_beside("ckpt", [], "out", RealConfig(), 1, ready)
+        assert ready.is_set() and seen == [1, 2]
+    finally:
+        signal.signal(signal.SIGUSR1, handler)
+        torch.set_num_threads(before)
+
+
 def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_paired():
     def answers(words):  # two requests asking 1,000 and 2,000 words, two answers each
         return [{"length": n, "response_length": w, "finish_reason": "stop", "source": "Ruler"}
