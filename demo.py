@@ -429,12 +429,12 @@ def side_process(target, args: tuple, threads: int):
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
     checked = ctx.Event()
     child = ctx.Process(target=target, args=(*args, threads, checked), daemon=True)
+    failed = f"error: the process beside this one ({target.__name__}) ended with exit code {{}}; its error is above"
     child.start()
     while not checked.wait(0.2) and child.is_alive():
         pass
     if not checked.is_set() and child.exitcode:
-        sys.exit(f"error: the process beside this one ({target.__name__}) ended with exit code {child.exitcode}; "
-                 "its error is above")
+        sys.exit(failed.format(child.exitcode))
     torch.set_num_threads(total - threads)
     try:
         yield
@@ -447,8 +447,7 @@ def side_process(target, args: tuple, threads: int):
         child.join()
         torch.set_num_threads(total)
     if child.exitcode != 0:
-        sys.exit(f"error: the process beside this one ({target.__name__}) ended with exit code {child.exitcode}; "
-                 "its error is above")
+        sys.exit(failed.format(child.exitcode))
 
 
 def sentences(text: str) -> list[str]:
