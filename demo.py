@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -417,6 +418,14 @@ def answer_beside(ckpt, rows, out_path, cfg, threads: int, checked):
         sys.exit(f"error: {e}")
 
 
+def run_beside(target, *args):
+    """side_process's child: ends when its parent does. A parent killed outright (SIGKILL, SIGTERM) never joins it, and
+    it would go on writing the answers file beside the rerun's own process."""
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+    target(*args)
+
+
 @contextmanager
 def side_process(target, args: tuple, threads: int):
     """Runs target(*args, threads, checked) in a process of its own while the with-block runs here on the rest of
@@ -428,7 +437,7 @@ def side_process(target, args: tuple, threads: int):
     long answer at the end wants both. Spawned, not forked: a fork of a process whose torch threads run can hang."""
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
     checked = ctx.Event()
-    child = ctx.Process(target=target, args=(*args, threads, checked), daemon=True)
+    child = ctx.Process(target=run_beside, args=(target, *args, threads, checked), daemon=True)
     failed = f"error: the process beside this one ({target.__name__}) ended with exit code {{}}; its error is above"
     child.start()
     while not checked.wait(0.2) and child.is_alive():

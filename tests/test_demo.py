@@ -218,6 +218,42 @@ def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decod
         torch.set_num_threads(before)
 
 
+def sleep_beside(path, threads, checked):
+    """A process beside that writes its pid and would sleep for a minute."""
+    import os
+    import time
+    open(path, "w").write(str(os.getpid()))
+    checked.set()
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_process_beside_ends_when_the_demo_is_killed_outright(tmp_path):
+    """Killed outright, the demo never joins the process beside it, which went on writing pred-base.jsonl (and beside a
+    rerun's own process, into the same file)."""
+    import os
+    import subprocess
+    import time
+    code = ("import os, signal, demo, test_demo\n"
+            f"with demo.side_process(test_demo.sleep_beside, ({str(tmp_path / 'pid')!r},), 1):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+    with open(tmp_path / "err", "w") as err:  # not a pipe: the process beside holds its copy open while it lives
+        done = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=120)
+    assert done.returncode == -9, (tmp_path / "err").read_text()
+    pid, end = int((tmp_path / "pid").read_text()), time.time() + 20
+
+    def running():
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    while running() and time.time() < end:
+        time.sleep(0.1)
+    assert not running()
+
+
 def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_paired():
     def answers(words):  # two requests asking 1,000 and 2,000 words, two answers each
         return [{"length": n, "response_length": w, "finish_reason": "stop", "source": "Ruler"}
