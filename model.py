@@ -189,14 +189,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rot = 2 * cos.shape[-1]
-    xr, x_pass = x[..., :rot], x[..., rot:]
+    xr = x[..., :rot]
     if interleaved:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:
         x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((out, x_pass), dim=-1)
+    return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -321,9 +321,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, doc_bounds=None, cache_pos=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.hd), cos, sin, self.cfg.rope_interleaved)
-        k = apply_rope(k.view(B, T, self.n_kv, self.hd), cos, sin, self.cfg.rope_interleaved)
+        qk, v = self.qkv_proj(x).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], -1)
+        # q's and k's heads rotated in one call: half the small operations of a decode step's RoPE
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv, self.hd), cos, sin, self.cfg.rope_interleaved)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, KVH, S, D): the whole cache
