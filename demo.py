@@ -405,39 +405,41 @@ def answer_real(ckpt, rows, out_path, cfg, checked=None) -> list[dict]:
                          no_repeat_ngram=cfg.no_repeat_ngram, log=lambda s: None, checked=checked)
 
 
-def answer_beside(ckpt, rows, out_path, cfg, threads: int, checked):
-    """answer_real in a process of its own (side_process) on `threads` of torch's threads, on all of them once
-    SIGUSR1 comes (the stage beside has ended); checked: an Event."""
-    total = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    if hasattr(signal, "SIGUSR1"):  # a handler runs in the main thread, the one decoding (MKL's count is per thread)
-        signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(total))
+def answer_beside(ckpt, rows, out_path, cfg, checked):
+    """answer_real as side_process's target; checked: the Event it sets once its input has passed the checks."""
     try:
         answer_real(ckpt, rows, out_path, cfg, checked=checked.set)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 
-def run_beside(target, *args):
-    """side_process's child: ends when its parent does. A parent killed outright (SIGKILL, SIGTERM) never joins it, and
-    it would go on writing the answers file beside the rerun's own process."""
+def run_beside(target, args: tuple, threads: int, checked):
+    """side_process's child: target(*args, checked) on `threads` of torch's threads, on all of them once SIGUSR1
+    comes (the block beside has ended; the handler runs in the main thread, the one decoding, and MKL's thread count
+    is per thread). It ends when its parent does: a parent killed outright (SIGKILL, SIGTERM) never joins it, and it
+    would go on writing its files beside a rerun's own process."""
     parent = multiprocessing.parent_process()
-    threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
-    target(*args)
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+    total = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(total))
+    target(*args, checked)
 
 
 @contextmanager
 def side_process(target, args: tuple, threads: int):
-    """Runs target(*args, threads, checked) in a process of its own while the with-block runs here on the rest of
-    torch's threads; waits for it at the end, stops it if the block fails. The block starts once the target has set
-    the Event `checked` (its input is good), so bad input ends the run at once, not after the block's minutes.
-    Once the block has ended the target is sent SIGUSR1, to go on alone on every thread. Why: on a CPU, a decoding
+    """Runs target(*args, checked) in a process of its own (run_beside) on `threads` of torch's threads while the
+    with-block runs here on the rest; waits for it at the end, stops it if the block fails. The block starts once the
+    target has set the Event `checked` (its input is good), so bad input ends the run at once, not after the block's
+    minutes. Once the block has ended the process is sent SIGUSR1, to go on alone on every thread. Why: on a CPU, a decoding
     step over many rows gains little from a second thread (Python and small kernels), so two decoding stages side by
     side, one thread each, ended 1.3-1.5x sooner on 2 cores than one after the other on both (BENCHMARKS.md); a lone
     long answer at the end wants both. Spawned, not forked: a fork of a process whose torch threads run can hang."""
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
     checked = ctx.Event()
-    child = ctx.Process(target=run_beside, args=(target, *args, threads, checked), daemon=True)
+    child = ctx.Process(target=run_beside, args=(target, args, threads, checked), daemon=True)
     failed = f"error: the process beside this one ({target.__name__}) ended with exit code {{}}; its error is above"
     child.start()
     while not checked.wait(0.2) and child.is_alive():

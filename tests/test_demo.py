@@ -175,11 +175,11 @@ def test_bad_input_for_the_answers_beside_agentwrite_ends_the_demo_before_agentw
     assert torch.get_num_threads() == 2
 
 
-def wait_for_sigusr1(path, threads, checked):
+def wait_for_sigusr1(path, checked):
     """A process beside (side_process's target): tells whether SIGUSR1 came within a minute of its start."""
     import signal
     import time
-    came = []
+    threads, came = torch.get_num_threads(), []
     signal.signal(signal.SIGUSR1, lambda *_: came.append(True))
     checked.set()
     end = time.time() + 60
@@ -188,8 +188,7 @@ def wait_for_sigusr1(path, threads, checked):
     open(path, "w").write(f"{threads} threads, " + ("signalled" if came else "never signalled"))
 
 
-def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decodes_on_every_thread(tmp_path,
-                                                                                                 monkeypatch):
+def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decodes_on_every_thread(tmp_path):
     """A lone long answer at the end of the base model's answers ran on 1 of 2 threads for ~10 minutes after
     AgentWrite had ended: the process beside now gets SIGUSR1 and takes every thread."""
     import signal
@@ -200,25 +199,24 @@ def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decod
     assert (tmp_path / "said").read_text() == "1 threads, signalled"
     seen, before = [], torch.get_num_threads()
 
-    def answer_real(*args, checked):  # what answer_beside runs: here it signals itself, then looks
-        checked()
+    def target(checked):  # what the process beside runs: here it signals itself, then looks
+        checked.set()
         seen.append(torch.get_num_threads())
         signal.raise_signal(signal.SIGUSR1)
         seen.append(torch.get_num_threads())
-    monkeypatch.setattr(demo, "answer_real", answer_real)
     handler = signal.getsignal(signal.SIGUSR1)
     try:
         torch.set_num_threads(2)
         import threading
         ready = threading.Event()
-        demo.answer_beside("ckpt", [], "out", RealConfig(), 1, ready)
+        demo.run_beside(target, (), 1, ready)  # in this process: no parent to end with
         assert ready.is_set() and seen == [1, 2]
     finally:
         signal.signal(signal.SIGUSR1, handler)
         torch.set_num_threads(before)
 
 
-def sleep_beside(path, threads, checked):
+def sleep_beside(path, checked):
     """A process beside that writes its pid and would sleep for a minute."""
     import os
     import time
