@@ -331,7 +331,7 @@ class RealConfig:
     freeze_layers: int = 20      # SFT trains the top 30 - N blocks (1.7x faster steps on CPU); 0: the whole model
     max_tokens: int = 6144       # SFT rows (the longest answers are ~4,500 words)
     slots: int = 16              # rows decoded at once when answering and writing
-    side_by_side: bool = True    # CPU: stage 2 in a process of its own on half the threads, beside stage 3 (1.3-1.5x sooner)
+    side_by_side: bool = True    # CPU: stage 2 in a process of its own on half the threads, beside stages 3-5
     seed: int = 0
     overwrite: bool = False
     real: bool = True            # the real-model run (--no-real: the toy demo's flags)
@@ -417,15 +417,20 @@ def run_beside(target, args: tuple, threads: int, checked):
     """side_process's child: target(*args, checked) on `threads` of torch's threads, on all of them once SIGUSR1
     comes (the block beside has ended; the handler runs in the main thread, the one decoding, and MKL's thread count
     is per thread). It ends when its parent does: a parent killed outright (SIGKILL, SIGTERM) never joins it, and it
-    would go on writing its files beside a rerun's own process."""
+    would go on writing its files beside a rerun's own process. Once the target has returned, SIGUSR1 is ignored: a
+    Python that exits puts back the default action of the signals it handled, which ends the process (exit code -10)."""
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     total = torch.get_num_threads()
     torch.set_num_threads(threads)
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(total))
-    target(*args, checked)
+    if not hasattr(signal, "SIGUSR1"):
+        return target(*args, checked)
+    signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(total))
+    try:
+        target(*args, checked)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 @contextmanager
@@ -433,10 +438,12 @@ def side_process(target, args: tuple, threads: int):
     """Runs target(*args, checked) in a process of its own (run_beside) on `threads` of torch's threads while the
     with-block runs here on the rest; waits for it at the end, stops it if the block fails. The block starts once the
     target has set the Event `checked` (its input is good), so bad input ends the run at once, not after the block's
-    minutes. Once the block has ended the process is sent SIGUSR1, to go on alone on every thread. Why: on a CPU, a decoding
-    step over many rows gains little from a second thread (Python and small kernels), so two decoding stages side by
-    side, one thread each, ended 1.3-1.5x sooner on 2 cores than one after the other on both (BENCHMARKS.md); a lone
-    long answer at the end wants both. Spawned, not forked: a fork of a process whose torch threads run can hang."""
+    minutes. Whichever ends first hands its threads to the other: the process gets SIGUSR1 once the block has ended,
+    and this thread takes every thread once the process has ended (SIGCHLD; the handler runs in the main thread, the
+    block's). Why: on a CPU, a decoding step over many rows gains little from a second thread (Python and small
+    kernels), so two decoding stages side by side, one thread each, ended 1.3-1.5x sooner on 2 cores than one after
+    the other on both (BENCHMARKS.md); a lone long answer at the end, or an SFT step, wants both. A process that fails
+    is reported when the block ends. Spawned, not forked: a fork of a process whose torch threads run can hang."""
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
     checked = ctx.Event()
     child = ctx.Process(target=run_beside, args=(target, args, threads, checked), daemon=True)
@@ -447,12 +454,21 @@ def side_process(target, args: tuple, threads: int):
     if not checked.is_set() and child.exitcode:
         sys.exit(failed.format(child.exitcode))
     torch.set_num_threads(total - threads)
+
+    def ended(*_):  # SIGCHLD comes from any child: only this one's end hands its threads over
+        if child.exitcode is not None:
+            torch.set_num_threads(total)
+    chld = getattr(signal, "SIGCHLD", None)
+    before = signal.signal(chld, ended) if chld else None
+    ended()  # it may have ended before the handler was there (its answers were all on disk)
     try:
         yield
     except BaseException:
         child.terminate()  # what it finished is on disk already; a rerun goes on from there
         raise
     finally:
+        if chld:
+            signal.signal(chld, before)
         if child.is_alive() and hasattr(signal, "SIGUSR1"):
             os.kill(child.pid, signal.SIGUSR1)
         child.join()
@@ -539,6 +555,43 @@ def real_conclusion(results, gain, n_records: int, eval_min: int, eval_max: int)
             + (", an interval that excludes 0." if gain[1] > 0 or gain[2] < 0 else ", an interval that includes 0."))
 
 
+def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_out: str, writer=None):
+    """Stages 3 and 4 of run_real: AgentWrite's answers (agentwrite.jsonl), then SFT of the base model on them.
+    Returns the records and the fine-tuned checkpoint; a rerun reuses both once SFT has finished."""
+    stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
+    inst_file, data = os.path.join(cfg.out, "instructions.jsonl"), os.path.join(cfg.out, "agentwrite.jsonl")
+    latest, finished = os.path.join(sft_out, "latest"), os.path.join(sft_out, "finished")
+    with open(inst_file + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train_rows)
+    os.replace(inst_file + ".tmp", inst_file)
+    t0 = time.time()
+    if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
+        agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
+                                              section_words=cfg.section_words, section_limit=cfg.section_limit,
+                                              headings=cfg.headings, workers=cfg.slots, dtype=real_dtype(cfg),
+                                              temperature=cfg.temperature, top_p=cfg.top_p,
+                                              repetition_penalty=cfg.repetition_penalty,
+                                              no_repeat_ngram=cfg.no_repeat_ngram),
+                       client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
+    records = read_jsonl(data, lambda r: r)[0] if os.path.isfile(data) else []
+    if len(records) < 2:
+        sys.exit(f"error: AgentWrite kept {len(records)} answers in {data}; nothing to fine-tune on")
+    print(f"{len(records)} answers of {min(r['words'] for r in records)}-{max(r['words'] for r in records)} words "
+          f"({time.time() - t0:.0f} s)", flush=True)
+
+    trained = read_config(base)["num_hidden_layers"] - cfg.freeze_layers
+    stage(f"4. SFT of the base model on them: {cfg.sft_epochs} epochs, lr {cfg.sft_lr:g}, "
+          + (f"the top {trained} blocks" if cfg.freeze_layers else "every block"))
+    if not os.path.isfile(finished):  # written once the run has ended: a rerun resumes an unfinished one
+        train_sft(TrainConfig(model=base, data=data, out=sft_out, max_tokens=cfg.max_tokens, packing="sorted",
+                              batch_rows=1, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=0.1, weight_decay=0.0,
+                              freeze_layers=cfg.freeze_layers, device=cfg.device, dtype=real_dtype(cfg), seed=cfg.seed,
+                              keep=1, resume=os.path.isfile(latest), overwrite=not os.path.isfile(latest)))
+        with open(finished, "w") as f:
+            f.write(open(latest).read())
+    return records, os.path.join(sft_out, open(finished).read().strip())
+
+
 def run_real(cfg: RealConfig, writer=None):
     """The recipe on a model that learned language elsewhere: convert its GGUF file, measure how long it writes
     when asked for 1,500-3,000 words, let it write long answers for our own instructions with AgentWrite, fine-tune
@@ -574,54 +627,24 @@ def run_real(cfg: RealConfig, writer=None):
     asked = [{**r, "sample": k} for r in rows for k in range(cfg.samples)]  # request j's answers: j*K .. j*K+K-1
     each = f", {cfg.samples} answers each" if cfg.samples > 1 else ""
     preds, base_preds = {}, os.path.join(cfg.out, "pred-base.jsonl")
-    sft_out = os.path.join(cfg.out, "sft")
-    latest, finished = os.path.join(sft_out, "latest"), os.path.join(sft_out, "finished")
     threads = torch.get_num_threads()
-    beside = cfg.side_by_side and cfg.device == "cpu" and threads >= 2 and not os.path.isfile(finished)
+    beside = cfg.side_by_side and cfg.device == "cpu" and threads >= 2
     stage(f"2. the base model answers {len(rows)} held-out requests of {cfg.eval_min}-{cfg.eval_max} words{each} "
           f"(limit: {cfg.limit_factor:g}x the asked words)"
-          + (f", in a process of its own on {threads // 2} of {threads} threads, beside 3." if beside else ""))
+          + (f", in a process of its own on {threads // 2} of {threads} threads, beside 3-5." if beside else ""))
     if not beside:
         preds["base"] = answer_real(base, asked, base_preds, cfg)
-
-    stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
-    inst_file, data = os.path.join(cfg.out, "instructions.jsonl"), os.path.join(cfg.out, "agentwrite.jsonl")
-    with open(inst_file + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in train_rows)
-    os.replace(inst_file + ".tmp", inst_file)
     t0 = time.time()
     with side_process(answer_beside, (base, asked, base_preds, cfg), threads // 2) if beside else nullcontext():
-        if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
-            agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
-                                                  section_words=cfg.section_words, section_limit=cfg.section_limit,
-                                                  headings=cfg.headings, workers=cfg.slots, dtype=real_dtype(cfg),
-                                                  temperature=cfg.temperature, top_p=cfg.top_p,
-                                                  repetition_penalty=cfg.repetition_penalty,
-                                                  no_repeat_ngram=cfg.no_repeat_ngram),
-                           client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
-        records = read_jsonl(data, lambda r: r)[0] if os.path.isfile(data) else []
-        if len(records) < 2:
-            sys.exit(f"error: AgentWrite kept {len(records)} answers in {data}; nothing to fine-tune on")
-        print(f"{len(records)} answers of {min(r['words'] for r in records)}-{max(r['words'] for r in records)} words "
-              f"({time.time() - t0:.0f} s)" + ("; waiting for stage 2" if beside else ""), flush=True)
+        records, sft = agentwrite_and_sft(cfg, base, train_rows, os.path.join(cfg.out, "sft"), writer)
+        stage(f"5. the fine-tuned model answers the same {len(rows)} requests{each}")
+        sft_preds = answer_real(sft, asked, os.path.join(cfg.out, "pred-sft.jsonl"), cfg)
+        if beside:
+            print(f"waiting for stage 2 ({time.time() - t0:.0f} s after stage 3 began)", flush=True)
     if beside:
         preds["base"] = answer_real(base, asked, base_preds, cfg)  # all written by stage 2's process: read back
         print(f"stage 2's answers came {time.time() - t0:.0f} s after stage 3 began")
-
-    trained = read_config(base)["num_hidden_layers"] - cfg.freeze_layers
-    stage(f"4. SFT of the base model on them: {cfg.sft_epochs} epochs, lr {cfg.sft_lr:g}, "
-          + (f"the top {trained} blocks" if cfg.freeze_layers else "every block"))
-    if not os.path.isfile(finished):  # written once the run has ended: a rerun resumes an unfinished one
-        train_sft(TrainConfig(model=base, data=data, out=sft_out, max_tokens=cfg.max_tokens, packing="sorted",
-                              batch_rows=1, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=0.1, weight_decay=0.0,
-                              freeze_layers=cfg.freeze_layers, device=cfg.device, dtype=real_dtype(cfg), seed=cfg.seed,
-                              keep=1, resume=os.path.isfile(latest), overwrite=not os.path.isfile(latest)))
-        with open(finished, "w") as f:
-            f.write(open(latest).read())
-    sft = os.path.join(sft_out, open(finished).read().strip())
-
-    stage(f"5. the fine-tuned model answers the same {len(rows)} requests{each}")
-    preds["sft"] = answer_real(sft, asked, os.path.join(cfg.out, "pred-sft.jsonl"), cfg)
+    preds["sft"] = sft_preds
 
     stage("results")
     results, gain = real_results(rows, preds, cfg.samples, cfg.eval_min, cfg.eval_max)

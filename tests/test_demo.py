@@ -116,7 +116,7 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     writer = Writer()
     run_real(cfg, writer=writer)
     stdout = capsys.readouterr().out
-    assert "(limit: 0.02x the asked words), in a process of its own on 1 of 2 threads, beside 3." in stdout
+    assert "(limit: 0.02x the asked words), in a process of its own on 1 of 2 threads, beside 3-5." in stdout
     assert torch.get_num_threads() == 2  # given back after the two stages
     out = tmp_path / "real"
     for name in ("base/config.json", "base/chat_template.jinja", "pred-base.jsonl", "instructions.jsonl",
@@ -211,9 +211,61 @@ def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decod
         ready = threading.Event()
         demo.run_beside(target, (), 1, ready)  # in this process: no parent to end with
         assert ready.is_set() and seen == [1, 2]
+        # then ignored: the block's end may signal a process that is exiting, where the default action ended it (-10)
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR1, handler)
         torch.set_num_threads(before)
+
+
+def end_soon(checked):
+    """A process beside that ends a moment after its input has passed."""
+    import time
+    checked.set()
+    time.sleep(0.5)
+
+
+def test_this_process_takes_every_thread_once_the_process_beside_has_ended(two_threads):
+    """The base model's answers, beside AgentWrite, SFT and the fine-tuned model's answers, may end first: the stages
+    here then go on on every thread (it was 1 of 2 until the end of the block, an SFT stage's minutes among them)."""
+    import time
+
+    import demo
+    with demo.side_process(end_soon, (), 1):
+        seen, end = [torch.get_num_threads()], time.time() + 30
+        while torch.get_num_threads() < 2 and time.time() < end:
+            time.sleep(0.05)  # SIGCHLD's handler runs here, in the main thread
+        seen.append(torch.get_num_threads())
+    assert seen == [1, 2] and torch.get_num_threads() == 2
+
+
+def answer_after_sft(ckpt, rows, out_path, cfg, checked):
+    """demo.answer_beside that first waits (30 s at most) for the fine-tuned model's answers, and says whether they came."""
+    import os
+    import time
+
+    import demo
+    checked.set()
+    end, sft = time.time() + 30, os.path.join(cfg.out, "pred-sft.jsonl")
+    while not os.path.exists(sft) and time.time() < end:
+        time.sleep(0.1)
+    open(os.path.join(cfg.out, "seen"), "w").write("sft answers first" if os.path.exists(sft) else "no sft answers")
+    demo.answer_beside(ckpt, rows, out_path, cfg, checked)
+
+
+def test_the_base_models_answers_run_beside_agentwrite_sft_and_the_fine_tuned_answers(tmp_path, capsys, monkeypatch,
+                                                                                      two_threads):
+    """Stage 2 in its process ran beside AgentWrite only: SFT waited for its last long answers (~5 minutes on both
+    threads in the fifteenth real run), though neither SFT nor stage 5 needs them."""
+    import demo
+    monkeypatch.setattr(demo, "answer_beside", answer_after_sft)
+    cfg = tiny_real(tmp_path)
+    run_real(cfg, writer=Writer())
+    assert (tmp_path / "real" / "seen").read_text() == "sft answers first"
+    stdout = capsys.readouterr().out
+    assert stdout.index("5. the fine-tuned model answers") < stdout.index("waiting for stage 2") < stdout.index("| all ")
+    preds = [json.loads(l) for l in open(tmp_path / "real" / "pred-base.jsonl")]
+    assert len(preds) == 8 and torch.get_num_threads() == 2
 
 
 def sleep_beside(path, checked):
