@@ -281,7 +281,8 @@ def run_toy(cfg: DemoConfig):
     if "b+dpo" in preds:
         before = {p["index"]: length_score(p["length"], p["response_length"]) for p in preds["b"] if p["length"] <= long_cap}
         after = {p["index"]: length_score(p["length"], p["response_length"]) for p in preds["b+dpo"] if p["index"] in before}
-        dpo_gain = bootstrap_ci([after[i] - before[i] for i in sorted(after)])
+        if after:  # none when no request asks up to long_cap: NaN is not JSON
+            dpo_gain = bootstrap_ci([after[i] - before[i] for i in sorted(after)])
     names = list(results)
     header = ["asked (words)"] + [f"{h} ({m})" for m in names for h in ("words", "S_l [95% CI]")]
     body = [[group] + [v for m in names for v in (f"{results[m][group]['words'][0]:.0f}", ci_text(*results[m][group]["S_l"]))]

@@ -65,6 +65,8 @@ def test_the_longest_default_ask_fits_the_models_context(tmp_path):
                   "--long-cap", "400", "--slots", "4")
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.load(open(tmp_path / "model_config.json"))["max_position_embeddings"] >= 15104 + 15
+    # no request up to --long-cap: no DPO gain to give, not a NaN (which strict JSON readers refuse)
+    assert "NaN" not in (tmp_path / "scores.json").read_text()
 
 
 def test_the_bootstrap_interval_covers_a_known_case():
