@@ -34,8 +34,8 @@ import torch
 
 import agentwrite
 from convert_gguf import convert, model_config, read_gguf, smollm2_gguf
-from dataset import (TOKENS_PER_WORD, TOPICS, WORDINGS, add_flags, chat_prompt_ids, load_tokenizer, read_jsonl,
-                     write_builtin)
+from dataset import (TOKENS_PER_WORD, TOPICS, WORD_RE, WORDINGS, add_flags, chat_prompt_ids, count_words,
+                     load_tokenizer, read_jsonl, write_builtin)
 from evaluate import length_score, predict_local, read_rows, scatter_svg, table
 from generate import context_of
 from model import Transformer, check_device, compute_dtype, read_config, write_json
@@ -509,6 +509,26 @@ def parts(text: str) -> tuple[int, bool]:
     return len(found), any(k > n for k, n in found)
 
 
+def loop_start(text: str, n: int = 4, window: int = 200, limit: float = 0.3) -> int:
+    """Words (count_words' unit) before the answer starts to loop: the start of its first stretch of `window` words in
+    which more than `limit` of the word n-grams were written before in it; all its words when there is none. Why: the
+    no-repeat rule stops verbatim loops of 10 tokens, not paraphrased ones ("This report contains lots of different
+    pieces ..." again and again, each time ending otherwise), which the checks above do not see, and past a few hundred
+    words SmolLM2-135M's long answers are such loops. In one run's AgentWrite answers (900-3,700 words) the most
+    repetitive 200-word stretch held 4-29% repeated 4-grams (3 of 23 more); in every answer that reached the limit,
+    54-76% (BENCHMARKS.md)."""
+    words = [w.lower() for w in WORD_RE.findall(text)]
+    seen, repeated, count = set(), [], 0
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        repeated.append(gram in seen)
+        seen.add(gram)
+        count += repeated[i] - (repeated[i - window] if i >= window else 0)  # repeats among the last `window`
+        if i + 1 >= window and count > limit * window:
+            return i + 1 - window
+    return len(words)
+
+
 def passage(text: str, head=90, tail=40) -> str:
     """The answer's first `head` and last `tail` words (how it starts and how it ends)."""
     words = text.split()
@@ -517,25 +537,37 @@ def passage(text: str, head=90, tail=40) -> str:
     return " ".join(words[:head]) + "\n  [...]\n  " + " ".join(words[-tail:])
 
 
-def real_results(rows, preds, samples: int, eval_min: int, eval_max: int):
+def real_results(rows, preds, samples: int, eval_min: int, eval_max: int, loop_free: bool = False):
     """Per group of requests (by asked length, by benchmark, all) and model: the mean words and S_l with 95%
     bootstrap intervals over the requests, each request counting once as the mean of its `samples` answers
-    (preds[m] holds request j's answers at j*samples .. j*samples + samples - 1), the median over the answers
-    and how many were cut. Also the gain in S_l paired over the same requests, sft - base, with its interval:
-    each request's difficulty cancels out, so it can exclude 0 while the two intervals still overlap."""
+    (preds[m] holds request j's answers at j*samples .. j*samples + samples - 1), the median over the answers,
+    how many were cut and how many loop (loop_start). Also the gain in S_l paired over the same requests, sft - base,
+    with its interval: each request's difficulty cancels out, so it can exclude 0 while the two intervals still
+    overlap. loop_free: an answer's words count only up to where it starts to loop."""
     per = {m: [p[j * samples:(j + 1) * samples] for j in range(len(rows))] for m, p in preds.items()}
-    words = {m: [np.mean([x["response_length"] for x in a]) for a in per[m]] for m in per}
-    s_l = {m: [np.mean([length_score(x["length"], x["response_length"]) for x in a]) for a in per[m]] for m in per}
+    size = (lambda x: loop_start(x["response"])) if loop_free else (lambda x: x["response_length"])
+    words = {m: [np.mean([size(x) for x in a]) for a in per[m]] for m in per}
+    s_l = {m: [np.mean([length_score(x["length"], size(x)) for x in a]) for a in per[m]] for m in per}
     groups = {str(n): [j for j, r in enumerate(rows) if r["length"] == n] for n in sorted({r["length"] for r in rows})}
     groups.update({f"{s} ({eval_min}-{eval_max})": [j for j, r in enumerate(rows) if r["source"] == s]
                    for s in ("LongBench-Write", "Ruler")}, all=list(range(len(rows))))
     results = {m: {g: {"n": len(js), "answers": len(js) * samples,
                        "cut": sum(x["finish_reason"] == "length" for j in js for x in per[m][j]),
                        "words": bootstrap_ci([words[m][j] for j in js]),
-                       "median": float(np.median([x["response_length"] for j in js for x in per[m][j]])),
+                       "median": float(np.median([size(x) for j in js for x in per[m][j]])),
+                       "loops": sum(loop_start(x["response"]) < count_words(x["response"]) for j in js for x in per[m][j]),
                        "S_l": bootstrap_ci([s_l[m][j] for j in js])}
                    for g, js in groups.items() if js} for m in per}
     return results, bootstrap_ci([b - a for a, b in zip(s_l["base"], s_l["sft"])])
+
+
+def real_table(results, words: str, last: str) -> str:
+    """Groups down, and for each model: mean and median words (the header `words`), S_l, and the count `last`."""
+    models = list(results)
+    header = ["asked (words)", "n"] + [f"{h} ({m})" for m in models for h in (words, "S_l [95% CI]", last)]
+    return table([[g, results[models[0]][g]["n"]] + [v for m in models for v in (
+        f"{results[m][g]['words'][0]:.0f}, {results[m][g]['median']:.0f}", ci_text(*results[m][g]["S_l"]),
+        results[m][g][last])] for g in results[models[0]]], header)
 
 
 def real_conclusion(results, gain, n_records: int, eval_min: int, eval_max: int) -> str:
@@ -649,18 +681,19 @@ def run_real(cfg: RealConfig, writer=None):
 
     stage("results")
     results, gain = real_results(rows, preds, cfg.samples, cfg.eval_min, cfg.eval_max)
-    header = ["asked (words)", "n"] + [f"{h} ({m})" for m in preds for h in ("words: mean, median", "S_l [95% CI]", "cut")]
-    body = [[g, results["base"][g]["n"]] + [v for m in preds for v in (
-                f"{results[m][g]['words'][0]:.0f}, {results[m][g]['median']:.0f}", ci_text(*results[m][g]["S_l"]),
-                results[m][g]["cut"])] for g in results["base"]]
+    free, free_gain = real_results(rows, preds, cfg.samples, cfg.eval_min, cfg.eval_max, loop_free=True)
     model_name = os.path.basename(cfg.gguf).removesuffix(".gguf") if cfg.gguf else "SmolLM2-135M-Instruct"
     print(f"base: {model_name}; sft: the same after SFT on {len(records)} AgentWrite answers; sampling "
           f"{cfg.temperature}/{cfg.top_p}, repetition penalty {cfg.repetition_penalty}; n: requests"
           + (f", each answered {cfg.samples} times (mean words and S_l per request first, the median over answers)"
              if cfg.samples > 1 else "") + "; cut: answers that reached the limit; intervals: 95% bootstrap over "
           f"requests\n")
-    print(table(body, header))
+    print(real_table(results, "words: mean, median", "cut"))
     print(f"\nS_l gain, sft - base, paired over the same requests: {ci_text(*gain)}")
+    print("\nThe same, each answer's words counted only up to where it starts to loop (its first 200-word stretch with "
+          "more than 30% of its word 4-grams written before in it); loops: answers that do\n")
+    print(real_table(free, "loop-free words: mean, median", "loops"))
+    print(f"\nS_l gain on the loop-free words, paired: {ci_text(*free_gain)}")
     plot = os.path.join(cfg.out, "lengths.svg")
     scatter_svg({f"({m})": [(x["length"], x["response_length"]) for x in p] for m, p in preds.items()}, plot,
                 title=f"Asked vs. written length, {model_name} before and after SFT")
@@ -676,6 +709,11 @@ def run_real(cfg: RealConfig, writer=None):
     headed = {m: sum(parts(x["response"])[0] > 0 for x in p) for m, p in preds.items()}
     past = {m: sum(parts(x["response"])[1] for x in p) for m, p in preds.items()}
     sentence = real_conclusion(results, gain, len(records), cfg.eval_min, cfg.eval_max)
+    b, f = free["base"]["all"], free["sft"]["all"]
+    sentence += (f" Counted only up to where an answer starts to loop ({b['loops']} base and {f['loops']} sft answers "
+                 f"do), the base model wrote {ci_text(*b['words'])} words on average and the fine-tuned one "
+                 f"{ci_text(*f['words'])}; S_l went from {ci_text(*b['S_l'])} to {ci_text(*f['S_l'])}, a paired gain "
+                 f"of {ci_text(*free_gain)}.")
     sentence += (f" Answers with one sentence three or more times in a row: {repeats['base']} (base), "
                  f"{repeats['sft']} (sft) of {len(asked)}; with one word four or more times in a row: "
                  f"{word_loops['base']} (base), {word_loops['sft']} (sft); with words run together (25 or more "
@@ -684,6 +722,7 @@ def run_real(cfg: RealConfig, writer=None):
                  "go on past their own last part.")
     print(f"\nscatter plot: {plot}\n\n{sentence}")
     write_json(os.path.join(cfg.out, "scores.json"), {"models": results, "S_l_gain": gain, "samples": cfg.samples,
+                                                      "loop_free": {"models": free, "S_l_gain": free_gain},
                                                       "repeats": repeats, "word_loops": word_loops, "run_together": glued,
                                                       "part_headings": headed, "past_last_part": past,
                                                       "conclusion": sentence,

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from cli import run_cli
-from demo import (RealConfig, bootstrap_ci, longest_repeat, parts, real_conclusion, real_dtype, real_results, run_real,
-                  run_together, train_instructions)
+from dataset import count_words
+from evaluate import length_score
+from demo import (RealConfig, bootstrap_ci, longest_repeat, loop_start, parts, real_conclusion, real_dtype, real_results,
+                  run_real, run_together, train_instructions)
 
 TINY = ["--steps", "12", "--prompts-per-length", "2", "--eval-lengths", "100,400", "--short-cap", "200",
         "--long-cap", "400", "--pair-instructions", "4", "--pair-samples", "3", "--dpo-steps", "2", "--slots", "4"]
@@ -142,6 +144,12 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     preds = {m: [json.loads(l) for l in open(out / f"pred-{m}.jsonl")] for m in ("base", "sft")}
     assert scores["word_loops"] == {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}
     assert f"four or more times in a row: {scores['word_loops']['base']} (base)" in scores["conclusion"]
+    free = scores["loop_free"]["models"]  # the same table with each answer's words counted up to where it loops
+    assert [free[m]["all"]["loops"] for m in preds] == [sum(loop_start(x["response"]) < count_words(x["response"])
+                                                           for x in p) for p in preds.values()]
+    assert free["base"]["all"]["words"][0] <= scores["models"]["base"]["all"]["words"][0]
+    assert "loop-free words: mean, median (base)" in stdout and "S_l gain on the loop-free words, paired: " in stdout
+    assert f"Counted only up to where an answer starts to loop ({free['base']['all']['loops']} base" in scores["conclusion"]
     assert scores["run_together"] == {m: sum(run_together(x["response"]) > 0 for x in p) for m, p in preds.items()}
     glued = scores["run_together"]
     assert f"without a space): {glued['base']} (base), {glued['sft']} (sft);" in scores["conclusion"]
@@ -153,11 +161,11 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
     assert "base: tiny; sft: the same" in stdout and "tiny before and after SFT" in (out / "lengths.svg").read_text()
     run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
-    assert writer.calls == 7 and capsys.readouterr().out.count("| all ") == 1
+    assert writer.calls == 7 and capsys.readouterr().out.count("| all ") == 2  # both tables
     # other settings with --overwrite start afresh, the model converted again (it was "checkpoint folder does not
     # exist": the folder was deleted after the converted model had been found there)
     run_real(dataclasses.replace(cfg, sft_epochs=1, overwrite=True), writer=writer)
-    assert writer.calls == 14 and capsys.readouterr().out.count("| all ") == 1
+    assert writer.calls == 14 and capsys.readouterr().out.count("| all ") == 2  # both tables
 
 
 def test_bad_input_for_the_answers_beside_agentwrite_ends_the_demo_before_agentwrite_writes(tmp_path, capfd,
@@ -380,6 +388,75 @@ def test_the_toy_demo_refuses_flags_it_cannot_run_before_writing_anything(tmp_pa
         with pytest.raises(ValueError, match=re.escape(error)):
             run_toy(DemoConfig(out=str(tmp_path / "out"), **flags))
     assert not (tmp_path / "out").exists()
+
+
+# Real text of SmolLM2-135M-Instruct (demo --real, 2026-12-06): the start of an AgentWrite answer, sections written one
+# call each (no loop), and the start of the fine-tuned model's answer to a 2,400-word request, whose parts restate
+# the first one with other words: a loop neither repeat check sees and the no-repeat rule lets through.
+CLEAN = ('Part 1 of 3\n\nThe story of electric cars is a tale of innovation and perseverance. As we look back '
+    'on their past, the advent of electric vehicles has transformed the way humanity interacts with '
+    'technology. The development of these vehicles not only altered our transportation options but also '
+    'sparked discussions around sustainability and environmental responsibility.\n\nTo this day, many '
+    'people still refer to electric cars as "electric" because they don\'t have wheels. However, when we '
+    'think about them in a broader context, it is clear that their impact extends far beyond just the '
+    'technology behind them. They are an important part of the movement towards zero-emission vehicles '
+    'and a reminder of what can be achieved when humanity works together towards a common goal.\n\nIn '
+    "today's world, electric cars have become increasingly popular due to various reasons such as energy "
+    'security, environmental awareness, and affordability. But even with these advantages come '
+    'challenges and concerns. Many people are still skeptical about the feasibility of electric cars in '
+    "terms of their performance but also believe that they can be a game-changer for our planet's "
+    'future.\n\nIn this essay, we will explore various aspects such as how electric vehicles have been '
+    'made more efficient, their role in reducing emissions, and their impact on environmental '
+    'sustainability. We will examine the role of electric cars in the context of human ingenuity, their '
+    'potential to reduce carbon footprint while also promoting eco-friendly practices within '
+    'society.\n\nThe essay will conclude with a thought-provoking reflection that goes beyond just '
+    'discussing technology itself but also explores the intersection between technology and ethics.')
+LOOPING = ('## Part 1 of 6\n### Part 1 of 6\nThe Telecom Operator Service App (TOSA) is a global network managed '
+    'by the Global Telecommunications Network (GMT). It operates in 35 countries across Asia, Africa, '
+    'Europe and North America. The TOSA has been established as an Internet service provider for over a '
+    'decade now with multiple partners including Global Telecommunication Corporation (Global Telecom), '
+    'World Telecommunications Organization (WTO), and several other international telecom providers such '
+    'as ITU-T, ISD, and ITU.\n\n### Part 2 of 6\nThe Telecom Operator App is an internet service provider '
+    'that provides free internet connectivity to its users worldwide through satellite internet devices '
+    'like the Internet Explorer 17 (IEJ), which are also referred to as internet telecommunication '
+    'services (ITCS). The TOSA has a global network managed by the Global Telecommunications Corporation '
+    '(GMT) and operates in 35 countries across Asia, Europe, North America, Africa, Latin America, and '
+    'the Caribbean.\n\n### Part 3 of 6\nThe Telecom Operator System App is an internet service provider '
+    'that provides free access to its users worldwide through satellite internet devices like Internet '
+    'Explorer 17 (IEJ), but it also offers a premium service for users who require enhanced security '
+    'features such as encryption and firewalls. The TOSA has a global network managed with the Global '
+    'Telecommunications Corporation (GMT) which includes various other international telecom providers '
+    'such as Telefonica, Telecom Australia, and Telefonica Asia.\n\n### Part 4 of 6\nThe Telecom Operator '
+    'Operation System (TOPS) is an internet service provider that provides a variety of services to its '
+    'users worldwide through satellite internet devices like Satellite Internet Service Provider (SIP), '
+    'which includes internet telecommunication services for users across the world. The TOPS has '
+    'different types such as Satellite Internet Service Provider (SIP), which also offers various other '
+    'internet services including mobile internet connectivity and cable internet connectivity.\n\n### Part '
+    '5 of 6\nThe Telecom Operator Management System is an online service provider that provides access to '
+    "its customers' data through a network called the Global Telecommunications Network (GMT). The TOSA "
+    'has different types such as Satellite Internet Service Provider, which also offers various other '
+    'internet services including mobile phone internet connectivity and cable internet connectivity.\n\n## '
+    'Part 6 of 6\nThe Telecom Operator Mobile System (Tosmo) is a global network managed by the Global '
+    'Mobile Telecommunications Providers Association (GMT). It operates in 30 countries across Asia, '
+    'Europe, North America, Latin America, Africa, and Australia. The TOSM has different types such as '
+    'Satellite Internet Service Provider and Internet Relay Chat (Ierm), which also provides various '
+    'other internet services including mobile')
+
+
+def test_loop_start_finds_where_an_answer_starts_to_restate_itself():
+    assert loop_start(CLEAN) == count_words(CLEAN) == 268  # no loop: every word counts
+    assert 100 <= loop_start(LOOPING) <= 200 < count_words(LOOPING) == 400  # from Part 2 on it says Part 1 again
+    assert longest_repeat(LOOPING) == 1 and longest_repeat(LOOPING, "word") <= 2  # unseen by the other checks
+    assert loop_start(CLEAN + "\n\n" + LOOPING) == 268 + loop_start(LOOPING)  # a loop that starts later
+    assert loop_start("") == 0 and loop_start("Too short to hold a stretch of 200 words.") == 8  # as count_words
+    rows = [{"length": 1000, "source": "Ruler"}]
+    preds = {m: [{"length": 1000, "response": text, "response_length": count_words(text), "finish_reason": "stop"}]
+             for m, text in (("base", CLEAN), ("sft", LOOPING))}
+    plain, _ = real_results(rows, preds, 1, 1000, 1000)
+    free, gain = real_results(rows, preds, 1, 1000, 1000, loop_free=True)
+    assert plain["sft"]["all"]["words"][0] == 400 and free["sft"]["all"]["words"][0] == loop_start(LOOPING)
+    assert free["base"]["all"]["words"][0] == 268 and (plain["base"]["all"]["loops"], free["sft"]["all"]["loops"]) == (0, 1)
+    assert gain[0] == length_score(1000, loop_start(LOOPING)) - length_score(1000, 268)
 
 
 def test_the_training_instructions_are_our_own_and_the_repeat_check_counts_runs():
