@@ -477,6 +477,7 @@ def writer_settings(cfg) -> dict:
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings, "section_min": cfg.section_min,
+            "heading_points": cfg.heading_points,
             "repetition_penalty": cfg.repetition_penalty,
             "no_repeat_ngram": cfg.no_repeat_ngram, "plan_tokens": cfg.plan_tokens, "system": cfg.system,
             "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template),
@@ -485,7 +486,7 @@ def writer_settings(cfg) -> dict:
 
 
 # settings added after files were first written: what those files were written with (top-p was fixed at 0.8)
-SETTINGS_BEFORE = {"top_p": 0.8, "headings": False, "section_min": 0.0}
+SETTINGS_BEFORE = {"top_p": 0.8, "headings": False, "section_min": 0.0, "heading_points": False}
 
 
 def stop_odds_record(repetition_penalty: float, no_repeat_ngram: int) -> dict:
@@ -564,12 +565,13 @@ def untitled(text: str) -> str:
     return body or text.strip()
 
 
-def heading(i: int, n: int) -> str:
+def heading(i: int, n: int, point: str = "") -> str:
     """--headings: "## Part 2 of 6" over the second of six sections. Where a piece stands is then written in
     the text, so a small model fine-tuned on it need not track thousands of words in its head. On SmolLM2-135M
     it gave longer answers than plain sections (BENCHMARKS.md), though the model did not learn to stop exactly
-    at the last part."""
-    return f"## Part {i + 1} of {n}"
+    at the last part. --heading-points adds the section's point ("## Part 2 of 6: how it works"): the plan, written
+    as the piece goes, so that each part has its own subject (without, the fine-tuned model's parts restated the first)."""
+    return f"## Part {i + 1} of {n}" + (f": {point}" if point else "")
 
 
 def trim_to_sentence(text: str, cut: bool) -> str:
@@ -686,7 +688,8 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print,
         for f in futures:
             f.result()
     sections = [untitled(paragraphs[i]) if cfg.headings else paragraphs[i] for i in range(len(steps))]
-    answer = "\n\n".join(f"{heading(i, len(steps))}\n\n{text}" if cfg.headings else text for i, text in enumerate(sections))
+    answer = "\n\n".join(f"{heading(i, len(steps), steps[i]['point'] if cfg.heading_points else '')}\n\n{text}"
+                         if cfg.headings else text for i, text in enumerate(sections))
     return {"key": key, "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
             "plan": steps, "plan_text": done.get("plan_text", ""),
             "paragraph_words": [count_words(text) for text in sections],
@@ -716,6 +719,7 @@ class AgentConfig:
     section_limit: float = 0.0           # > 0: cut a paragraph past this x its words, at its last sentence; 0: 3x + 200 tokens
     headings: bool = False               # each section under "## Part k of K", the writer's own titles dropped
                                          # (a small model trained on the answers sees how far it has come)
+    heading_points: bool = False         # with --headings: the section's point after it ("## Part 2 of 6: how it works")
     repetition_penalty: float = 1.0      # --checkpoint: > 1 penalizes the last 64 tokens (1.1 for small models)
     no_repeat_ngram: int = 0             # --checkpoint: >= 2, no call's answer repeats one of its own n-grams
     plan_tokens: int = 2048              # token limit of the planning call
@@ -743,6 +747,8 @@ def check_config(cfg: AgentConfig):
     """Refuse settings under which every item would fail or be dropped, before any call; read the prompt files."""
     if cfg.plan not in ("model", "skeleton"):
         raise ValueError(f"--plan must be model or skeleton, not {cfg.plan!r}")
+    if cfg.heading_points and not cfg.headings:
+        raise ValueError("--heading-points puts each section's point in its heading: it needs --headings")
     if cfg.section_words < 1:
         raise ValueError("--section-words must be positive")
     for flag, value in (("--paragraph-attempts", cfg.paragraph_attempts), ("--plan-attempts", cfg.plan_attempts)):

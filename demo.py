@@ -322,6 +322,7 @@ class RealConfig:
     section_words: int = 350     # AgentWrite sections of about this many words (what the model writes when asked)
     section_limit: float = 1.5   # a section that runs past 1.5x its words is cut at its last sentence (it rambles on)
     headings: bool = True        # each AgentWrite section under "## Part k of K": the fine-tuned model can see where it is
+    heading_points: bool = False # and the section's point after it ("## Part 2 of 6: how it works"), the plan in the text
     temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
     top_p: float = 0.9
     samples: int = 1             # answers per held-out request; a request counts once, as the mean of its samples
@@ -601,7 +602,8 @@ def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_o
     if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
         agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
                                               section_words=cfg.section_words, section_limit=cfg.section_limit,
-                                              headings=cfg.headings, workers=cfg.slots, dtype=real_dtype(cfg),
+                                              headings=cfg.headings, heading_points=cfg.heading_points,
+                                              workers=cfg.slots, dtype=real_dtype(cfg),
                                               temperature=cfg.temperature, top_p=cfg.top_p,
                                               repetition_penalty=cfg.repetition_penalty,
                                               no_repeat_ngram=cfg.no_repeat_ngram),

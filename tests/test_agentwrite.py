@@ -959,6 +959,27 @@ def test_chatter_is_asked_again_and_headings_replace_the_writers_own_titles(tmp_
         run(cfg("headed.jsonl"), client=writer, log=quiet)
 
 
+def test_heading_points_put_each_sections_point_in_its_heading(tmp_path):
+    """--heading-points: the skeleton's plan is written into the answer as it goes ("## Part 2 of 3: its background and
+    history"); under plain "Part k of K" headings the fine-tuned 135M model's parts restated its first."""
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write a 1,050-word essay on tides.", "id": "tides"}) + "\n")
+    cfg = lambda out, **kw: AgentConfig(input=str(inputs), output=str(tmp_path / out), plan="skeleton", workers=1, **kw)
+    assert run(cfg("points.jsonl", headings=True, heading_points=True), client=SectionWriter(), log=quiet)["done"] == 1
+    record = json.loads((tmp_path / "points.jsonl").read_text())
+    parts = record["messages"][1]["content"].split("\n\n")
+    assert parts[0::2] == ["## Part 1 of 3: an introduction to the subject and why it matters",
+                           "## Part 2 of 3: its background and history",
+                           "## Part 3 of 3: a conclusion that draws the piece together"]
+    assert [p["point"] for p in record["plan"]] == [h.split(": ", 1)[1] for h in parts[0::2]]
+    assert record["writer"]["heading_points"] is True and record["paragraph_words"] == [350, 350, 350]
+    with pytest.raises(ValueError, match=r"heading_points: True there, False now"):  # records of both kinds never mix
+        run(cfg("points.jsonl", headings=True), client=SectionWriter(), log=quiet)
+    with pytest.raises(ValueError, match=r"--heading-points puts each section's point in its heading: it needs --headings"):
+        run(cfg("none.jsonl", heading_points=True), client=SectionWriter(), log=quiet)
+    assert not (tmp_path / "none.jsonl").exists()
+
+
 class TitleWriter(SectionWriter):
     """SmolLM2-135M's other habit (two of its 24 AgentWrite answers in the real-model demo): a section that is
     only a title ("Title: Volcanoes: The Unyielding Power of Nature") or a list of headings, here the first `bad`
