@@ -173,8 +173,9 @@ def prepare_out(cfg):
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.isfile(path):  # never touch others' files
         sys.exit(f"error: {cfg.out} holds files but no demo run (no demo_config.json): choose another --out")
     if os.path.isfile(path) and not cfg.overwrite:
-        saved = json.load(open(path))
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        # a setting added since that run was made counts as its default: what the run was made with
+        saved = {**{k: getattr(type(cfg), k) for k in mine}, **json.load(open(path))}
+        changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in mine.items() if saved[k] != v]
         if changed:
             sys.exit(f"error: {cfg.out} holds a demo run with other settings ({'; '.join(changed)}); "
                      "--overwrite replaces it, or choose another --out")

@@ -350,6 +350,23 @@ def test_bad_input_found_inside_a_stage_ends_the_demo_with_one_error_line(monkey
         demo.main()
 
 
+def test_a_run_made_before_a_setting_existed_resumes_and_other_settings_are_refused(tmp_path):
+    """A run folder of an older demo has no --heading-points in its demo_config.json: it was made without them, the
+    default, and a rerun resumes it (it was refused as "other settings", None -> False)."""
+    from demo import prepare_out
+    cfg = RealConfig(out=str(tmp_path / "run"))
+    prepare_out(cfg)
+    path = tmp_path / "run" / "demo_config.json"
+    saved = json.loads(path.read_text())
+    del saved["heading_points"]
+    path.write_text(json.dumps(saved))
+    prepare_out(cfg)  # resumed
+    assert json.loads(path.read_text())["heading_points"] is False
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"other settings \(--heading-points False -> True\)"):
+        prepare_out(dataclasses.replace(cfg, heading_points=True))
+
+
 def test_the_real_demo_checks_its_inputs_before_writing_anything(tmp_path):
     out = tmp_path / "out"  # a first run with a wrong path left a demo_config.json that then refused the right one
     with pytest.raises(FileNotFoundError, match="missing.gguf: GGUF file not found"):
