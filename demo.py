@@ -704,7 +704,8 @@ def run_real(cfg: RealConfig, writer=None):
     for name, p in preds.items():
         print(f"\n({name}) on {asked[i]['prompt'][:80]!r}: {p[i]['response_length']} words, longest run of one "
               f"sentence {longest_repeat(p[i]['response'])}, of one word {longest_repeat(p[i]['response'], 'word')}, "
-              f"words run together {run_together(p[i]['response'])}"
+              f"words run together {run_together(p[i]['response'])}, words before it starts to loop "
+              f"{loop_start(p[i]['response'])}"
               f"\n  {passage(p[i]['response'])}")
     repeats = {m: sum(longest_repeat(x["response"]) >= 3 for x in p) for m, p in preds.items()}
     word_loops = {m: sum(longest_repeat(x["response"], "word") >= 4 for x in p) for m, p in preds.items()}

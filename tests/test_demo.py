@@ -159,6 +159,7 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert (f"headings: {headed['base']} (base), {headed['sft']} (sft), of which {past['base']} and {past['sft']} go on "
             "past their own last part.") in scores["conclusion"]
     assert "| all " in stdout and "(base) on " in stdout and "(sft) on " in stdout
+    assert re.search(r"\(sft\) on .*, words before it starts to loop \d+\n", stdout)
     assert "base: tiny; sft: the same" in stdout and "tiny before and after SFT" in (out / "lengths.svg").read_text()
     run_real(cfg, writer=writer)  # finished stages are reused: no section is written again
     assert writer.calls == 7 and capsys.readouterr().out.count("| all ") == 2  # both tables
