@@ -317,7 +317,7 @@ def test_the_process_beside_ends_when_the_demo_is_killed_outright(tmp_path):
 
 def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_paired():
     def answers(words):  # two requests asking 1,000 and 2,000 words, two answers each
-        return [{"length": n, "response_length": w, "finish_reason": "stop", "source": "Ruler"}
+        return [{"length": n, "response": "", "response_length": w, "finish_reason": "stop", "source": "Ruler"}
                 for n, w in zip((1000, 1000, 2000, 2000), words)]
     rows = [{"length": 1000, "source": "Ruler"}, {"length": 2000, "source": "Ruler"}]
     preds = {"base": answers([1000, 250, 2000, 2000]), "sft": answers([1000, 1000, 2000, 2000])}
