@@ -641,6 +641,8 @@ def run_real(cfg: RealConfig, writer=None):
                               ("--sft-epochs", cfg.sft_epochs, "at least 1")):
         if value <= 0:  # found by the stage that uses it, an hour of answers later
             sys.exit(f"error: {flag} {value:g}: {need}")
+    if cfg.heading_points and not cfg.headings:  # else AgentWrite refuses it, after stage 2 has begun
+        sys.exit("error: --heading-points puts each section's point in its heading: it needs --headings")
     check_device(cfg.device)
     base = os.path.join(cfg.out, "base")
     kept = os.path.isfile(os.path.join(base, "model.safetensors")) and not cfg.overwrite  # --overwrite deletes it

@@ -335,7 +335,9 @@ def test_each_request_counts_once_as_the_mean_of_its_samples_and_the_gain_is_pai
         run_real(RealConfig(samples=0, out="/nonexistent/never-made"))  # refused before anything is written
     for flags, message in ((dict(slots=0), "--slots 0: at least 1 row"), (dict(sft_epochs=0), "--sft-epochs 0"),
                            (dict(limit_factor=0.0), "--limit-factor 0: a positive multiple"),
-                           (dict(section_words=0), "--section-words 0")):  # each failed an hour later, at its stage
+                           (dict(section_words=0), "--section-words 0"),
+                           (dict(heading_points=True, headings=False), "--heading-points .* needs --headings")):
+        # each failed later, at its stage (the last once stage 2 had begun beside AgentWrite)
         with pytest.raises(SystemExit, match=message):
             run_real(RealConfig(out="/nonexistent/never-made", **flags))
 
