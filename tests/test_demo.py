@@ -230,10 +230,10 @@ def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decod
 
 
 def end_soon(checked):
-    """A process beside that ends a moment after its input has passed."""
+    """A process beside that ends two seconds after its input has passed (the block here has begun by then)."""
     import time
     checked.set()
-    time.sleep(0.5)
+    time.sleep(2)
 
 
 def test_this_process_takes_every_thread_once_the_process_beside_has_ended(two_threads):
