@@ -590,25 +590,30 @@ def real_conclusion(results, gain, n_records: int, eval_min: int, eval_max: int)
             + (", an interval that excludes 0." if gain[1] > 0 or gain[2] < 0 else ", an interval that includes 0."))
 
 
+def agent_config(cfg: RealConfig, base: str) -> agentwrite.AgentConfig:
+    """AgentWrite's settings here: the base checkpoint writes the sections of a skeleton the code lays out."""
+    return agentwrite.AgentConfig(input=os.path.join(cfg.out, "instructions.jsonl"),
+                                  output=os.path.join(cfg.out, "agentwrite.jsonl"), checkpoint=base, plan="skeleton",
+                                  section_words=cfg.section_words, section_limit=cfg.section_limit,
+                                  headings=cfg.headings, heading_points=cfg.heading_points, workers=cfg.slots,
+                                  dtype=real_dtype(cfg), temperature=cfg.temperature, top_p=cfg.top_p,
+                                  repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
+
+
 def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_out: str, writer=None):
     """Stages 3 and 4 of run_real: AgentWrite's answers (agentwrite.jsonl), then SFT of the base model on them.
     Returns the records and the fine-tuned checkpoint; a rerun reuses both once SFT has finished."""
     stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
-    inst_file, data = os.path.join(cfg.out, "instructions.jsonl"), os.path.join(cfg.out, "agentwrite.jsonl")
+    agent = agent_config(cfg, base)
+    inst_file, data = agent.input, agent.output
     latest, finished = os.path.join(sft_out, "latest"), os.path.join(sft_out, "finished")
     with open(inst_file + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in train_rows)
     os.replace(inst_file + ".tmp", inst_file)
     t0 = time.time()
     if not os.path.isfile(finished):  # once SFT has used the answers, a rerun neither retries nor adds any
-        agentwrite.run(agentwrite.AgentConfig(input=inst_file, output=data, checkpoint=base, plan="skeleton",
-                                              section_words=cfg.section_words, section_limit=cfg.section_limit,
-                                              headings=cfg.headings, heading_points=cfg.heading_points,
-                                              workers=cfg.slots, dtype=real_dtype(cfg),
-                                              temperature=cfg.temperature, top_p=cfg.top_p,
-                                              repetition_penalty=cfg.repetition_penalty,
-                                              no_repeat_ngram=cfg.no_repeat_ngram),
-                       client=writer, log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
+        agentwrite.run(agent, client=writer,
+                       log=lambda s: print(s, flush=True) if s.startswith(("summary", "[")) else None)
     records = read_jsonl(data, lambda r: r)[0] if os.path.isfile(data) else []
     if len(records) < 2:
         sys.exit(f"error: AgentWrite kept {len(records)} answers in {data}; nothing to fine-tune on")
@@ -641,10 +646,12 @@ def run_real(cfg: RealConfig, writer=None):
                               ("--sft-epochs", cfg.sft_epochs, "at least 1")):
         if value <= 0:  # found by the stage that uses it, an hour of answers later
             sys.exit(f"error: {flag} {value:g}: {need}")
-    if cfg.heading_points and not cfg.headings:  # else AgentWrite refuses it, after stage 2 has begun
-        sys.exit("error: --heading-points puts each section's point in its heading: it needs --headings")
     check_device(cfg.device)
     base = os.path.join(cfg.out, "base")
+    try:  # AgentWrite's own checks, here: at stage 3 they came once stage 2 had begun beside it
+        agentwrite.check_config(agent_config(cfg, base))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     kept = os.path.isfile(os.path.join(base, "model.safetensors")) and not cfg.overwrite  # --overwrite deletes it
     gguf = None if kept else cfg.gguf or smollm2_gguf()
     if gguf and not os.path.isfile(gguf):  # the inputs are checked before --out is touched
