@@ -81,8 +81,8 @@ def prefill(model, prompts: list[list[int]], cache_len: int):
     prompt_slots = slots[:P]
     mask = None
     if start.any():  # padded rows: a query sees its own row's real tokens (and itself, so no row is empty)
-        q, k = prompt_slots[:, None], slots[None]
-        mask = ((k <= q) & ((k >= start[:, None, None]) | (k == q)))[:, None]  # (B, 1, P, S)
+        q, k = prompt_slots[:, None], prompt_slots[None]  # no query sees past slot P - 1: attention reads P keys
+        mask = ((k <= q) & ((k >= start[:, None, None]) | (k == q)))[:, None]  # (B, 1, P, P)
     position_ids = (prompt_slots[None] - start[:, None]).clamp_min(0)
     return model(ids, position_ids=position_ids, cache_pos=prompt_slots, mask=mask, last_only=True)[:, -1], start, slots
 

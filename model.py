@@ -328,8 +328,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, KVH, S, D): the whole cache
-            if mask is not None and mask.shape[-1] < k.shape[2]:  # a narrower mask: only the first keys matter
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+            # only the keys a query can see: the mask's, or without one (a prefill from slot 0) the first T. Handed
+            # the whole cache, CPU SDPA took 2.5 s instead of 0.2 s to prefill an 81-token prompt into 8,192 slots
+            seen = mask.shape[-1] if mask is not None else T
+            if seen < k.shape[2]:
+                k, v = k[:, :, :seen], v[:, :, :seen]
         y = attention(q, k, v, doc_bounds, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 

@@ -431,6 +431,34 @@ def test_prefill_computes_the_logits_of_the_last_position_only(checkpoints):
     assert torch.allclose(row, full[1], atol=1e-5)
 
 
+def test_a_prefill_into_a_long_cache_attends_over_its_own_tokens_only(checkpoints, monkeypatch):
+    """A prompt prefilled into a fresh cache row sees no slot past its own tokens, so attention must not be handed the
+    whole cache: on a CPU, an 81-token prompt's prefill into 8,192 slots took 2.5 s instead of 0.2 s (SmolLM2-135M,
+    one thread), a third of AgentWrite's time in the real-model demo. The logits stay the full forward's."""
+    import model as model_module
+    from generate import prefill, prefill_row
+    model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
+    keys = []
+    real = model_module.attention
+    monkeypatch.setattr(model_module, "attention", lambda q, k, v, *a: keys.append(k.shape[2]) or real(q, k, v, *a))
+    prompt = torch.randint(3, BASE["vocab_size"], (7,)).tolist()
+    layers = len(model.layers)
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0, -1]
+        keys.clear()
+        model.setup_cache(2, 512)
+        row = prefill_row(model, [layer.self_attn.cache for layer in model.layers], 1, prompt)
+        assert keys == [7] * layers
+        keys.clear()
+        logits, _, _ = prefill(model, [prompt, prompt], 512)  # an unpadded batch: no mask either
+        assert keys == [7] * layers
+        keys.clear()
+        padded, _, _ = prefill(model, [prompt[3:], prompt], 512)  # left-padded: a mask of its first 7 slots
+        assert keys == [7] * layers
+    for got in (row, logits[1], padded[1]):
+        assert torch.allclose(got, full, atol=1e-5)
+
+
 def test_freed_rows_are_reused_and_per_prompt_limits_hold(checkpoints, monkeypatch):
     import generate as gen
     model = Transformer.from_pretrained(checkpoints["llama"][0]).eval()
