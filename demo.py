@@ -425,6 +425,8 @@ def run_beside(target, args: tuple, threads: int, checked):
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+    if hasattr(os, "nice"):
+        os.nice(19 - os.nice(0))  # the lowest priority: while the block runs on every core, this one mostly waits
     total = torch.get_num_threads()
     torch.set_num_threads(threads)
     if not hasattr(signal, "SIGUSR1"):
@@ -445,8 +447,11 @@ def side_process(target, args: tuple, threads: int):
     and this thread takes every thread once the process has ended (SIGCHLD; the handler runs in the main thread, the
     block's). Why: on a CPU, a decoding step over many rows gains little from a second thread (Python and small
     kernels), so two decoding stages side by side, one thread each, ended 1.3-1.5x sooner on 2 cores than one after
-    the other on both (BENCHMARKS.md); a lone long answer at the end, or an SFT step, wants both. A process that fails
-    is reported when the block ends. Spawned, not forked: a fork of a process whose torch threads run can hang."""
+    the other on both (BENCHMARKS.md); a lone long answer at the end wants both. Yields `every_thread`, a context for
+    a part of the block that is compute, not decoding (SFT): it runs on every thread, and the process beside, at the
+    lowest priority, mostly waits meanwhile (SFT's first 17 steps took 242 s on 1 of 2 threads beside the base
+    model's last answer, its next ones ~4.6 s each on both). A process that fails is reported when the block ends. Spawned, not forked: a fork of a process
+    whose torch threads run can hang."""
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
     checked = ctx.Event()
     child = ctx.Process(target=run_beside, args=(target, args, threads, checked), daemon=True)
@@ -464,8 +469,16 @@ def side_process(target, args: tuple, threads: int):
     chld = getattr(signal, "SIGCHLD", None)
     before = signal.signal(chld, ended) if chld else None
     ended()  # it may have ended before the handler was there (its answers were all on disk)
+
+    @contextmanager
+    def every_thread():
+        torch.set_num_threads(total)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(total if child.exitcode is not None else total - threads)
     try:
-        yield
+        yield every_thread
     except BaseException:
         child.terminate()  # what it finished is on disk already; a rerun goes on from there
         raise
@@ -600,9 +613,11 @@ def agent_config(cfg: RealConfig, base: str) -> agentwrite.AgentConfig:
                                   repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
 
 
-def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_out: str, writer=None):
-    """Stages 3 and 4 of run_real: AgentWrite's answers (agentwrite.jsonl), then SFT of the base model on them.
-    Returns the records and the fine-tuned checkpoint; a rerun reuses both once SFT has finished."""
+def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_out: str, writer=None,
+                       every_thread=nullcontext):
+    """Stages 3 and 4 of run_real: AgentWrite's answers (agentwrite.jsonl), then SFT of the base model on them (inside
+    every_thread(), side_process's). Returns the records and the fine-tuned checkpoint; a rerun reuses both once SFT
+    has finished."""
     stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
     agent = agent_config(cfg, base)
     inst_file, data = agent.input, agent.output
@@ -624,10 +639,12 @@ def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_o
     stage(f"4. SFT of the base model on them: {cfg.sft_epochs} epochs, lr {cfg.sft_lr:g}, "
           + (f"the top {trained} blocks" if cfg.freeze_layers else "every block"))
     if not os.path.isfile(finished):  # written once the run has ended: a rerun resumes an unfinished one
-        train_sft(TrainConfig(model=base, data=data, out=sft_out, max_tokens=cfg.max_tokens, packing="sorted",
-                              batch_rows=1, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=0.1, weight_decay=0.0,
-                              freeze_layers=cfg.freeze_layers, device=cfg.device, dtype=real_dtype(cfg), seed=cfg.seed,
-                              keep=1, resume=os.path.isfile(latest), overwrite=not os.path.isfile(latest)))
+        with every_thread():
+            train_sft(TrainConfig(model=base, data=data, out=sft_out, max_tokens=cfg.max_tokens, packing="sorted",
+                                  batch_rows=1, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=0.1, weight_decay=0.0,
+                                  freeze_layers=cfg.freeze_layers, device=cfg.device, dtype=real_dtype(cfg),
+                                  seed=cfg.seed, keep=1, resume=os.path.isfile(latest),
+                                  overwrite=not os.path.isfile(latest)))
         with open(finished, "w") as f:
             f.write(open(latest).read())
     return records, os.path.join(sft_out, open(finished).read().strip())
@@ -680,8 +697,9 @@ def run_real(cfg: RealConfig, writer=None):
     if not beside:
         preds["base"] = answer_real(base, asked, base_preds, cfg)
     t0 = time.time()
-    with side_process(answer_beside, (base, asked, base_preds, cfg), threads // 2) if beside else nullcontext():
-        records, sft = agentwrite_and_sft(cfg, base, train_rows, os.path.join(cfg.out, "sft"), writer)
+    with side_process(answer_beside, (base, asked, base_preds, cfg), threads // 2) if beside else nullcontext() as every:
+        records, sft = agentwrite_and_sft(cfg, base, train_rows, os.path.join(cfg.out, "sft"), writer,
+                                          every or nullcontext)
         stage(f"5. the fine-tuned model answers the same {len(rows)} requests{each}")
         sft_preds = answer_real(sft, asked, os.path.join(cfg.out, "pred-sft.jsonl"), cfg)
         if beside:

@@ -250,6 +250,27 @@ def test_this_process_takes_every_thread_once_the_process_beside_has_ended(two_t
     assert seen == [1, 2] and torch.get_num_threads() == 2
 
 
+def nice_until_sigusr1(path, checked):
+    """A process beside that writes its priority (nice value), then waits for SIGUSR1 (a minute at most)."""
+    import os
+    open(path, "w").write(str(os.nice(0)))
+    wait_for_sigusr1(path + ".signal", checked)
+
+
+def test_sft_takes_every_thread_while_the_process_beside_waits_at_the_lowest_priority(tmp_path, two_threads):
+    """SFT, beside the base model's last long answer, ran on 1 of 2 threads: its first 17 steps took 242 s, the next
+    ones ~4.6 s each on both. An SFT step is compute, not decoding, and wants every core: inside every_thread it gets
+    them, and the process beside, at the lowest priority, waits; after it, the two share the threads again."""
+    import demo
+    with demo.side_process(nice_until_sigusr1, (str(tmp_path / "nice"),), 1) as every_thread:
+        seen = [torch.get_num_threads()]
+        with every_thread():
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())  # the process beside still runs: 1 thread each again
+    assert seen == [1, 2, 1] and torch.get_num_threads() == 2
+    assert (tmp_path / "nice").read_text() == "19" and "signalled" in (tmp_path / "nice.signal").read_text()
+
+
 def answer_after_sft(ckpt, rows, out_path, cfg, checked):
     """demo.answer_beside that first waits (30 s at most) for the fine-tuned model's answers, and says whether they came."""
     import os
@@ -270,9 +291,12 @@ def test_the_base_models_answers_run_beside_agentwrite_sft_and_the_fine_tuned_an
     threads in the fifteenth real run), though neither SFT nor stage 5 needs them."""
     import demo
     monkeypatch.setattr(demo, "answer_beside", answer_after_sft)
+    sft_threads, train = [], demo.train_sft
+    monkeypatch.setattr(demo, "train_sft", lambda c: sft_threads.append(torch.get_num_threads()) or train(c))
     cfg = tiny_real(tmp_path)
     run_real(cfg, writer=Writer())
     assert (tmp_path / "real" / "seen").read_text() == "sft answers first"
+    assert sft_threads == [2]  # SFT on every thread, though the process beside was waiting for stage 5
     stdout = capsys.readouterr().out
     assert stdout.index("5. the fine-tuned model answers") < stdout.index("waiting for stage 2") < stdout.index("| all ")
     preds = [json.loads(l) for l in open(tmp_path / "real" / "pred-base.jsonl")]
