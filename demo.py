@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -416,26 +416,27 @@ def answer_beside(ckpt, rows, out_path, cfg, checked):
         sys.exit(f"error: {e}")
 
 
-def run_beside(target, args: tuple, threads: int, checked):
+def run_beside(target, args: tuple, threads: int, checked, go):
     """side_process's child: target(*args, checked) on `threads` of torch's threads, on all of them once SIGUSR1
     comes (the block beside has ended; the handler runs in the main thread, the one decoding, and MKL's thread count
-    is per thread). It ends when its parent does: a parent killed outright (SIGKILL, SIGTERM) never joins it, and it
-    would go on writing its files beside a rerun's own process. Once the target has returned, SIGUSR1 is ignored: a
+    is per thread). On SIGUSR2 it pauses until the Event `go` is set (the block runs on every thread meanwhile). It
+    ends when its parent does, paused or not: a parent killed outright (SIGKILL, SIGTERM) never joins it, and it would
+    go on writing its files beside a rerun's own process. Once the target has returned, both signals are ignored: a
     Python that exits puts back the default action of the signals it handled, which ends the process (exit code -10)."""
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
-    if hasattr(os, "nice"):
-        os.nice(19 - os.nice(0))  # the lowest priority: while the block runs on every core, this one mostly waits
     total = torch.get_num_threads()
     torch.set_num_threads(threads)
     if not hasattr(signal, "SIGUSR1"):
         return target(*args, checked)
     signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(total))
+    signal.signal(signal.SIGUSR2, lambda *_: go.wait())
     try:
         target(*args, checked)
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 @contextmanager
@@ -448,13 +449,15 @@ def side_process(target, args: tuple, threads: int):
     block's). Why: on a CPU, a decoding step over many rows gains little from a second thread (Python and small
     kernels), so two decoding stages side by side, one thread each, ended 1.3-1.5x sooner on 2 cores than one after
     the other on both (BENCHMARKS.md); a lone long answer at the end wants both. Yields `every_thread`, a context for
-    a part of the block that is compute, not decoding (SFT): it runs on every thread, and the process beside, at the
-    lowest priority, mostly waits meanwhile (SFT's first 17 steps took 242 s on 1 of 2 threads beside the base
-    model's last answer, its next ones ~4.6 s each on both). A process that fails is reported when the block ends. Spawned, not forked: a fork of a process
+    a part of the block that is compute, not decoding (SFT): it runs on every thread while the process beside waits
+    (SIGUSR2, then an Event). SFT's first 17 steps took 242 s on 1 of 2 threads beside the base model's last answer,
+    its next ones ~4.6 s each on both; the process beside at the lowest priority (nice 19) slowed 2-thread SFT as much,
+    since a decoding step's memory traffic is not scheduled. A process that fails is reported when the block ends. Spawned, not forked: a fork of a process
     whose torch threads run can hang."""
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
-    checked = ctx.Event()
-    child = ctx.Process(target=run_beside, args=(target, args, threads, checked), daemon=True)
+    checked, go = ctx.Event(), ctx.Event()
+    go.set()
+    child = ctx.Process(target=run_beside, args=(target, args, threads, checked, go), daemon=True)
     failed = f"error: the process beside this one ({target.__name__}) ended with exit code {{}}; its error is above"
     child.start()
     while not checked.wait(0.2) and child.is_alive():
@@ -472,10 +475,15 @@ def side_process(target, args: tuple, threads: int):
 
     @contextmanager
     def every_thread():
+        if child.exitcode is None and hasattr(signal, "SIGUSR2"):
+            go.clear()
+            with suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.kill(child.pid, signal.SIGUSR2)
         torch.set_num_threads(total)
         try:
             yield
         finally:
+            go.set()
             torch.set_num_threads(total if child.exitcode is not None else total - threads)
     try:
         yield every_thread

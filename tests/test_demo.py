@@ -215,17 +215,18 @@ def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decod
         seen.append(torch.get_num_threads())
         signal.raise_signal(signal.SIGUSR1)
         seen.append(torch.get_num_threads())
-    handler = signal.getsignal(signal.SIGUSR1)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
     try:
         torch.set_num_threads(2)
         import threading
         ready = threading.Event()
-        demo.run_beside(target, (), 1, ready)  # in this process: no parent to end with
+        demo.run_beside(target, (), 1, ready, threading.Event())  # in this process: no parent to end with
         assert ready.is_set() and seen == [1, 2]
         # then ignored: the block's end may signal a process that is exiting, where the default action ended it (-10)
-        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGUSR1, handler)
+        for s, h in handlers.items():
+            signal.signal(s, h)
         torch.set_num_threads(before)
 
 
@@ -250,25 +251,36 @@ def test_this_process_takes_every_thread_once_the_process_beside_has_ended(two_t
     assert seen == [1, 2] and torch.get_num_threads() == 2
 
 
-def nice_until_sigusr1(path, checked):
-    """A process beside that writes its priority (nice value), then waits for SIGUSR1 (a minute at most)."""
-    import os
-    open(path, "w").write(str(os.nice(0)))
-    wait_for_sigusr1(path + ".signal", checked)
+def beat_until_sigusr1(path, checked):
+    """A process beside that beats every 20 ms until SIGUSR1 comes (a minute at most), then writes its longest pause."""
+    import signal
+    import time
+    beats, came = [time.monotonic()], []
+    signal.signal(signal.SIGUSR1, lambda *_: came.append(True))
+    checked.set()
+    while not came and beats[-1] - beats[0] < 60:
+        time.sleep(0.02)
+        beats.append(time.monotonic())
+    open(path, "w").write(f"{max(b - a for a, b in zip(beats, beats[1:])):.2f}")
 
 
-def test_sft_takes_every_thread_while_the_process_beside_waits_at_the_lowest_priority(tmp_path, two_threads):
+def test_sft_takes_every_thread_while_the_process_beside_waits(tmp_path, two_threads):
     """SFT, beside the base model's last long answer, ran on 1 of 2 threads: its first 17 steps took 242 s, the next
     ones ~4.6 s each on both. An SFT step is compute, not decoding, and wants every core: inside every_thread it gets
-    them, and the process beside, at the lowest priority, waits; after it, the two share the threads again."""
+    them and the process beside pauses; after it, the two share the threads again."""
+    import time
+
     import demo
-    with demo.side_process(nice_until_sigusr1, (str(tmp_path / "nice"),), 1) as every_thread:
+    with demo.side_process(beat_until_sigusr1, (str(tmp_path / "pause"),), 1) as every_thread:
         seen = [torch.get_num_threads()]
+        time.sleep(0.3)
         with every_thread():
             seen.append(torch.get_num_threads())
+            time.sleep(1.5)
         seen.append(torch.get_num_threads())  # the process beside still runs: 1 thread each again
+        time.sleep(0.3)
     assert seen == [1, 2, 1] and torch.get_num_threads() == 2
-    assert (tmp_path / "nice").read_text() == "19" and "signalled" in (tmp_path / "nice.signal").read_text()
+    assert 1.2 < float((tmp_path / "pause").read_text()) < 30  # it paused about as long as the block's 1.5 s, then went on
 
 
 def answer_after_sft(ckpt, rows, out_path, cfg, checked):
@@ -313,15 +325,17 @@ def sleep_beside(path, checked):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_process_beside_ends_when_the_demo_is_killed_outright(tmp_path):
+@pytest.mark.parametrize("paused", [False, True])
+def test_the_process_beside_ends_when_the_demo_is_killed_outright(tmp_path, paused):
     """Killed outright, the demo never joins the process beside it, which went on writing pred-base.jsonl (and beside a
-    rerun's own process, into the same file)."""
+    rerun's own process, into the same file). Also while it is paused (SFT on every thread)."""
     import os
     import subprocess
     import time
-    code = ("import os, signal, demo, test_demo\n"
-            f"with demo.side_process(test_demo.sleep_beside, ({str(tmp_path / 'pid')!r},), 1):\n"
-            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    code = ("import os, signal, time, demo, test_demo\n"
+            f"with demo.side_process(test_demo.sleep_beside, ({str(tmp_path / 'pid')!r},), 1) as every_thread:\n"
+            + ("    with every_thread():\n        time.sleep(0.5)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+               if paused else "    os.kill(os.getpid(), signal.SIGKILL)\n"))
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
     with open(tmp_path / "err", "w") as err:  # not a pipe: the process beside holds its copy open while it lives
