@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -416,12 +416,11 @@ def answer_beside(ckpt, rows, out_path, cfg, checked):
         sys.exit(f"error: {e}")
 
 
-def run_beside(target, args: tuple, threads: int, checked, go):
+def run_beside(target, args: tuple, threads: int, checked):
     """side_process's child: target(*args, checked) on `threads` of torch's threads, on all of them once SIGUSR1
     comes (the block beside has ended; the handler runs in the main thread, the one decoding, and MKL's thread count
-    is per thread). On SIGUSR2 it pauses until the Event `go` is set (the block runs on every thread meanwhile). It
-    ends when its parent does, paused or not: a parent killed outright (SIGKILL, SIGTERM) never joins it, and it would
-    go on writing its files beside a rerun's own process. Once the target has returned, both signals are ignored: a
+    is per thread). It ends when its parent does: a parent killed outright (SIGKILL, SIGTERM) never joins it, and it
+    would go on writing its files beside a rerun's own process. Once the target has returned, SIGUSR1 is ignored: a
     Python that exits puts back the default action of the signals it handled, which ends the process (exit code -10)."""
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -431,12 +430,10 @@ def run_beside(target, args: tuple, threads: int, checked, go):
     if not hasattr(signal, "SIGUSR1"):
         return target(*args, checked)
     signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(total))
-    signal.signal(signal.SIGUSR2, lambda *_: go.wait())
     try:
         target(*args, checked)
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 @contextmanager
@@ -448,16 +445,11 @@ def side_process(target, args: tuple, threads: int):
     and this thread takes every thread once the process has ended (SIGCHLD; the handler runs in the main thread, the
     block's). Why: on a CPU, a decoding step over many rows gains little from a second thread (Python and small
     kernels), so two decoding stages side by side, one thread each, ended 1.3-1.5x sooner on 2 cores than one after
-    the other on both (BENCHMARKS.md); a lone long answer at the end wants both. Yields `every_thread`, a context for
-    a part of the block that is compute, not decoding (SFT): it runs on every thread while the process beside waits
-    (SIGUSR2, then an Event). SFT's first 17 steps took 242 s on 1 of 2 threads beside the base model's last answer,
-    its next ones ~4.6 s each on both; the process beside at the lowest priority (nice 19) slowed 2-thread SFT as much,
-    since a decoding step's memory traffic is not scheduled. A process that fails is reported when the block ends. Spawned, not forked: a fork of a process
-    whose torch threads run can hang."""
+    the other on both (BENCHMARKS.md); a lone long answer at the end, or an SFT step, wants both. A process that fails
+    is reported when the block ends. Spawned, not forked: a fork of a process whose torch threads run can hang."""
     total, ctx = torch.get_num_threads(), multiprocessing.get_context("spawn")
-    checked, go = ctx.Event(), ctx.Event()
-    go.set()
-    child = ctx.Process(target=run_beside, args=(target, args, threads, checked, go), daemon=True)
+    checked = ctx.Event()
+    child = ctx.Process(target=run_beside, args=(target, args, threads, checked), daemon=True)
     failed = f"error: the process beside this one ({target.__name__}) ended with exit code {{}}; its error is above"
     child.start()
     while not checked.wait(0.2) and child.is_alive():
@@ -472,21 +464,8 @@ def side_process(target, args: tuple, threads: int):
     chld = getattr(signal, "SIGCHLD", None)
     before = signal.signal(chld, ended) if chld else None
     ended()  # it may have ended before the handler was there (its answers were all on disk)
-
-    @contextmanager
-    def every_thread():
-        if child.exitcode is None and hasattr(signal, "SIGUSR2"):
-            go.clear()
-            with suppress(ProcessLookupError):  # it may have ended meanwhile
-                os.kill(child.pid, signal.SIGUSR2)
-        torch.set_num_threads(total)
-        try:
-            yield
-        finally:
-            go.set()
-            torch.set_num_threads(total if child.exitcode is not None else total - threads)
     try:
-        yield every_thread
+        yield
     except BaseException:
         child.terminate()  # what it finished is on disk already; a rerun goes on from there
         raise
@@ -621,11 +600,9 @@ def agent_config(cfg: RealConfig, base: str) -> agentwrite.AgentConfig:
                                   repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
 
 
-def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_out: str, writer=None,
-                       every_thread=nullcontext):
-    """Stages 3 and 4 of run_real: AgentWrite's answers (agentwrite.jsonl), then SFT of the base model on them (inside
-    every_thread(), side_process's). Returns the records and the fine-tuned checkpoint; a rerun reuses both once SFT
-    has finished."""
+def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_out: str, writer=None):
+    """Stages 3 and 4 of run_real: AgentWrite's answers (agentwrite.jsonl), then SFT of the base model on them.
+    Returns the records and the fine-tuned checkpoint; a rerun reuses both once SFT has finished."""
     stage(f"3. AgentWrite, the base model writing: {cfg.train_items} instructions, sections of ~{cfg.section_words} words")
     agent = agent_config(cfg, base)
     inst_file, data = agent.input, agent.output
@@ -647,12 +624,10 @@ def agentwrite_and_sft(cfg: RealConfig, base: str, train_rows: list[dict], sft_o
     stage(f"4. SFT of the base model on them: {cfg.sft_epochs} epochs, lr {cfg.sft_lr:g}, "
           + (f"the top {trained} blocks" if cfg.freeze_layers else "every block"))
     if not os.path.isfile(finished):  # written once the run has ended: a rerun resumes an unfinished one
-        with every_thread():
-            train_sft(TrainConfig(model=base, data=data, out=sft_out, max_tokens=cfg.max_tokens, packing="sorted",
-                                  batch_rows=1, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=0.1, weight_decay=0.0,
-                                  freeze_layers=cfg.freeze_layers, device=cfg.device, dtype=real_dtype(cfg),
-                                  seed=cfg.seed, keep=1, resume=os.path.isfile(latest),
-                                  overwrite=not os.path.isfile(latest)))
+        train_sft(TrainConfig(model=base, data=data, out=sft_out, max_tokens=cfg.max_tokens, packing="sorted",
+                              batch_rows=1, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=0.1, weight_decay=0.0,
+                              freeze_layers=cfg.freeze_layers, device=cfg.device, dtype=real_dtype(cfg), seed=cfg.seed,
+                              keep=1, resume=os.path.isfile(latest), overwrite=not os.path.isfile(latest)))
         with open(finished, "w") as f:
             f.write(open(latest).read())
     return records, os.path.join(sft_out, open(finished).read().strip())
@@ -705,9 +680,8 @@ def run_real(cfg: RealConfig, writer=None):
     if not beside:
         preds["base"] = answer_real(base, asked, base_preds, cfg)
     t0 = time.time()
-    with side_process(answer_beside, (base, asked, base_preds, cfg), threads // 2) if beside else nullcontext() as every:
-        records, sft = agentwrite_and_sft(cfg, base, train_rows, os.path.join(cfg.out, "sft"), writer,
-                                          every or nullcontext)
+    with side_process(answer_beside, (base, asked, base_preds, cfg), threads // 2) if beside else nullcontext():
+        records, sft = agentwrite_and_sft(cfg, base, train_rows, os.path.join(cfg.out, "sft"), writer)
         stage(f"5. the fine-tuned model answers the same {len(rows)} requests{each}")
         sft_preds = answer_real(sft, asked, os.path.join(cfg.out, "pred-sft.jsonl"), cfg)
         if beside:

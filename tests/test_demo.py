@@ -215,18 +215,17 @@ def test_the_process_beside_is_told_when_the_stage_beside_it_ends_and_then_decod
         seen.append(torch.get_num_threads())
         signal.raise_signal(signal.SIGUSR1)
         seen.append(torch.get_num_threads())
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    handler = signal.getsignal(signal.SIGUSR1)
     try:
         torch.set_num_threads(2)
         import threading
         ready = threading.Event()
-        demo.run_beside(target, (), 1, ready, threading.Event())  # in this process: no parent to end with
+        demo.run_beside(target, (), 1, ready)  # in this process: no parent to end with
         assert ready.is_set() and seen == [1, 2]
         # then ignored: the block's end may signal a process that is exiting, where the default action ended it (-10)
-        assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        signal.signal(signal.SIGUSR1, handler)
         torch.set_num_threads(before)
 
 
@@ -251,38 +250,6 @@ def test_this_process_takes_every_thread_once_the_process_beside_has_ended(two_t
     assert seen == [1, 2] and torch.get_num_threads() == 2
 
 
-def beat_until_sigusr1(path, checked):
-    """A process beside that beats every 20 ms until SIGUSR1 comes (a minute at most), then writes its longest pause."""
-    import signal
-    import time
-    beats, came = [time.monotonic()], []
-    signal.signal(signal.SIGUSR1, lambda *_: came.append(True))
-    checked.set()
-    while not came and beats[-1] - beats[0] < 60:
-        time.sleep(0.02)
-        beats.append(time.monotonic())
-    open(path, "w").write(f"{max(b - a for a, b in zip(beats, beats[1:])):.2f}")
-
-
-def test_sft_takes_every_thread_while_the_process_beside_waits(tmp_path, two_threads):
-    """SFT, beside the base model's last long answer, ran on 1 of 2 threads: its first 17 steps took 242 s, the next
-    ones ~4.6 s each on both. An SFT step is compute, not decoding, and wants every core: inside every_thread it gets
-    them and the process beside pauses; after it, the two share the threads again."""
-    import time
-
-    import demo
-    with demo.side_process(beat_until_sigusr1, (str(tmp_path / "pause"),), 1) as every_thread:
-        seen = [torch.get_num_threads()]
-        time.sleep(0.3)
-        with every_thread():
-            seen.append(torch.get_num_threads())
-            time.sleep(1.5)
-        seen.append(torch.get_num_threads())  # the process beside still runs: 1 thread each again
-        time.sleep(0.3)
-    assert seen == [1, 2, 1] and torch.get_num_threads() == 2
-    assert 1.2 < float((tmp_path / "pause").read_text()) < 30  # it paused about as long as the block's 1.5 s, then went on
-
-
 def answer_after_sft(ckpt, rows, out_path, cfg, checked):
     """demo.answer_beside that first waits (30 s at most) for the fine-tuned model's answers, and says whether they came."""
     import os
@@ -303,12 +270,9 @@ def test_the_base_models_answers_run_beside_agentwrite_sft_and_the_fine_tuned_an
     threads in the fifteenth real run), though neither SFT nor stage 5 needs them."""
     import demo
     monkeypatch.setattr(demo, "answer_beside", answer_after_sft)
-    sft_threads, train = [], demo.train_sft
-    monkeypatch.setattr(demo, "train_sft", lambda c: sft_threads.append(torch.get_num_threads()) or train(c))
     cfg = tiny_real(tmp_path)
     run_real(cfg, writer=Writer())
     assert (tmp_path / "real" / "seen").read_text() == "sft answers first"
-    assert sft_threads == [2]  # SFT on every thread, though the process beside was waiting for stage 5
     stdout = capsys.readouterr().out
     assert stdout.index("5. the fine-tuned model answers") < stdout.index("waiting for stage 2") < stdout.index("| all ")
     preds = [json.loads(l) for l in open(tmp_path / "real" / "pred-base.jsonl")]
@@ -325,17 +289,15 @@ def sleep_beside(path, checked):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("paused", [False, True])
-def test_the_process_beside_ends_when_the_demo_is_killed_outright(tmp_path, paused):
+def test_the_process_beside_ends_when_the_demo_is_killed_outright(tmp_path):
     """Killed outright, the demo never joins the process beside it, which went on writing pred-base.jsonl (and beside a
-    rerun's own process, into the same file). Also while it is paused (SFT on every thread)."""
+    rerun's own process, into the same file)."""
     import os
     import subprocess
     import time
-    code = ("import os, signal, time, demo, test_demo\n"
-            f"with demo.side_process(test_demo.sleep_beside, ({str(tmp_path / 'pid')!r},), 1) as every_thread:\n"
-            + ("    with every_thread():\n        time.sleep(0.5)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-               if paused else "    os.kill(os.getpid(), signal.SIGKILL)\n"))
+    code = ("import os, signal, demo, test_demo\n"
+            f"with demo.side_process(test_demo.sleep_beside, ({str(tmp_path / 'pid')!r},), 1):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
     with open(tmp_path / "err", "w") as err:  # not a pipe: the process beside holds its copy open while it lives
