@@ -157,16 +157,20 @@ def recent_tokens(histories: list[list[int]], window: int, device) -> torch.Tens
 
 
 def keep_freed_memory():
-    """Have glibc keep freed memory for reuse. By default it maps each block of a few MB afresh and hands the heap's
-    free top back to the OS, so a CPU decode step's temporaries (16 rows of a 49k vocabulary's logits are 3 MB in
-    float32) page-fault thousands of times a step: the rules and sampling over 16 rows took 20 ms instead of 12 on
-    a 2-core CPU. Process-wide, and only where the C library is glibc (elsewhere nothing changes)."""
+    """Have glibc keep every freed block for reuse: none is mapped on its own (M_MMAP_MAX 0) and the heap never
+    shrinks (M_TRIM_THRESHOLD at its maximum), so the process stays at its peak size. Why: memory given back is paid
+    again on its next touch. In a fresh process the rules and the sampler's temporaries over 16 rows of a 49k
+    vocabulary page-faulted in every decode step (20 ms instead of 12 a step); and on a VM that hands freed memory
+    back to its host within seconds (free page reporting), the ~2 GB an SFT step frees and asks for again cost up
+    to 20 s of page faults a step: 66 SFT steps of SmolLM2 took 368 s with blocks of 32 MB and more mapped afresh
+    each step, 232 s with this (peak RSS 6.7 -> 9.1 GB; BENCHMARKS.md). Process-wide, called by CPU decoding and
+    CPU training; where the C library is not glibc nothing changes."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return
-    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap, not from a fresh mapping
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GB free at the heap's top stays there
+    mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own; all come from the heap
+    mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1 is SIZE_MAX as glibc's size_t, so the heap's free top is never trimmed
 
 
 def filled(n: int, block: int = 256) -> int:

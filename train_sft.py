@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dataset import add_flags, file_digest, load_packed, load_tokenizer, read_json, save_tokenizer, write_builtin
-from generate import context_of
+from generate import context_of, keep_freed_memory
 from model import ModelConfig, Transformer, check_device, compute_dtype, read_config, save_hf, write_json
 
 
@@ -361,6 +361,8 @@ def prepare(cfg, kind="sft", write_default_data=None):
     the others read the cache), tokenizer and the model. With no --data, write_default_data(dir, seed)
     writes the built-in data and returns (data file, tokenizer folder)."""
     rank, world, device = setup_distributed(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # a step's temporaries are freed and asked for again: see its docstring
     compute_dtype(cfg.dtype, device)  # bad names fail here, not at the first save after the steps
     compute_dtype(cfg.export_dtype, device, "--export-dtype")
     per_step = cfg.micro_rows * world
