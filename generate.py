@@ -173,6 +173,16 @@ def keep_freed_memory():
     mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1 is SIZE_MAX as glibc's size_t, so the heap's free top is never trimmed
 
 
+def release_freed_memory():
+    """Hand the heap's free memory back to the OS (glibc's malloc_trim) once a loop that kept it (keep_freed_memory)
+    has ended, so the process's next stage starts from what is in use, not from this loop's peak, and a KV cache's
+    memory check (check_cache_memory) sees what is free. Only where the C library is glibc."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def filled(n: int, block: int = 256) -> int:
     """Cache slots an eager decode step reads when n are in use: n rounded up to a whole block."""
     return -(-n // block) * block
@@ -234,6 +244,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         logits = step(model, tok[:, None], slots[P + i:P + i + 1].clone(), start, keys)
     for layer in model.layers:  # free the cache
         layer.self_attn.cache = None
+    if device.type == "cpu":
+        release_freed_memory()
     return out
 
 
@@ -440,6 +452,8 @@ def continuous(model, next_request, slots: int, row_len: int, top_k=0, top_p=1.0
     finally:
         for layer in model.layers:  # free the cache
             layer.self_attn.cache = None
+        if device.type == "cpu":
+            release_freed_memory()
 
 
 def generate_many(model, prompts: list[list[int]], max_new_tokens, stop_ids=(), slots=8, temperature=0.0, top_k=0,

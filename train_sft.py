@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dataset import add_flags, file_digest, load_packed, load_tokenizer, read_json, save_tokenizer, write_builtin
-from generate import context_of, keep_freed_memory
+from generate import context_of, keep_freed_memory, release_freed_memory
 from model import ModelConfig, Transformer, check_device, compute_dtype, read_config, save_hf, write_json
 
 
@@ -518,6 +518,8 @@ def run_training(cfg, model, tokenizer, packed, step_loss, rank, world, device) 
             last_good = os.path.join(cfg.out, f"step_{step + 1}")
     log0(f"{'done' if end == total else f'stopped at --stop-at {end} (--resume continues)'}: {end} of {total} steps; "
          f"checkpoint {last_good}")
+    if device.type == "cpu":
+        release_freed_memory()  # the steps' kept temporaries (see keep_freed_memory)
     return records
 
 

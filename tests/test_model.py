@@ -508,11 +508,16 @@ def test_the_rules_and_sampling_see_only_the_rows_up_to_the_last_in_use(checkpoi
 
 FAULTS = """
 import resource, torch
-from generate import generate_many
+from generate import generate_many, keep_freed_memory
 from model import ModelConfig, Transformer
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
+keep_freed_memory()
+torch.ones(256 << 18).sum()  # 256 MB, freed and kept, as by a decoding loop before
+before = rss()
 dict(generate_many(Transformer(cfg).eval(), [[5, 6, 7]], 3, slots=2))  # decoding on the CPU, as a demo does first
+print(before - rss())
 x = torch.randn(16, 49152)
 for i in range(25):
     if i == 5:
@@ -523,12 +528,14 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.g
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
-def test_cpu_decoding_reuses_freed_memory_instead_of_page_faulting_every_step():
+def test_cpu_decoding_reuses_freed_memory_instead_of_page_faulting_every_step_and_gives_it_back_at_the_end():
     """In a fresh process glibc maps a block of a few MB afresh at each allocation and gives it back at each free:
-    over 16 rows of a 49k vocabulary every temporary of the rules and the sampler page-faulted in, every step."""
+    over 16 rows of a 49k vocabulary every temporary of the rules and the sampler page-faulted in, every step. Once
+    the loop has ended what it kept goes back, or the next stage (SFT after AgentWrite) starts from its peak."""
     run = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    faulted = int(run.stdout.split()[-1])
+    given_back, faulted = map(int, run.stdout.split()[-2:])
+    assert given_back > 200 << 20, given_back
     assert faulted < 20 * 16 * 49152 * 4, faulted  # the defaults: ~140 MB in 20 steps, every temporary of each
 
 
