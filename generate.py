@@ -156,31 +156,35 @@ def recent_tokens(histories: list[list[int]], window: int, device) -> torch.Tens
     return out.to(device)
 
 
+def libc():
+    """The C library when it is glibc's allocator we can tune (mallopt, malloc_trim), else None."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def keep_freed_memory():
     """Have glibc keep every freed block for reuse: none is mapped on its own (M_MMAP_MAX 0) and the heap never
-    shrinks (M_TRIM_THRESHOLD at its maximum), so the process stays at its peak size. Why: memory given back is paid
-    again on its next touch. In a fresh process the rules and the sampler's temporaries over 16 rows of a 49k
-    vocabulary page-faulted in every decode step (20 ms instead of 12 a step); and on a VM that hands freed memory
-    back to its host within seconds (free page reporting), the ~2 GB an SFT step frees and asks for again cost up
-    to 20 s of page faults a step: 66 SFT steps of SmolLM2 took 368 s with blocks of 32 MB and more mapped afresh
-    each step, 232 s with this (peak RSS 6.7 -> 9.1 GB; BENCHMARKS.md). Process-wide, called by CPU decoding and
-    CPU training; where the C library is not glibc nothing changes."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own; all come from the heap
-    mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1 is SIZE_MAX as glibc's size_t, so the heap's free top is never trimmed
+    shrinks (M_TRIM_THRESHOLD at its maximum), so the process keeps its peak until release_freed_memory. Why: memory
+    given back is paid again on its next touch. In a fresh process the rules and the sampler's temporaries over 16
+    rows of a 49k vocabulary page-faulted in every decode step (20 ms instead of 12 a step); and on a VM that hands
+    freed memory back to its host within seconds (free page reporting), the ~2 GB an SFT step freed and asked for
+    again cost up to 20 s of page faults a step: 66 SFT steps of SmolLM2 took 367 s with blocks of 32 MB and more
+    mapped afresh each step, 223 s with this and the LM head's loss in chunks (peak RSS 6.7 -> 5.7 GB;
+    BENCHMARKS.md). Process-wide, called by CPU decoding and CPU training; without glibc nothing changes."""
+    if lib := libc():
+        lib.mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own; all come from the heap
+        lib.mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1 is SIZE_MAX as glibc's size_t: the heap's top is never trimmed
 
 
 def release_freed_memory():
     """Hand the heap's free memory back to the OS (glibc's malloc_trim) once a loop that kept it (keep_freed_memory)
     has ended, so the process's next stage starts from what is in use, not from this loop's peak, and a KV cache's
-    memory check (check_cache_memory) sees what is free. Only where the C library is glibc."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    memory check (check_cache_memory) sees what is free."""
+    if lib := libc():
+        lib.malloc_trim(0)
 
 
 def filled(n: int, block: int = 256) -> int:
