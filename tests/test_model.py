@@ -81,10 +81,9 @@ def test_chunked_logprobs_equal_full_softmax_with_gradients(chunk, monkeypatch):
     w = torch.randn(40, 16, requires_grad=True)
     t = torch.randint(0, 40, (50,))
     t[::7] = -100
-    import model as model_py
-    rows = []
-    real = model_py.F.cross_entropy
-    monkeypatch.setattr(model_py.F, "cross_entropy", lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k))
+    rows, real = [], torch.nn.functional.cross_entropy  # the rows of logits the LM head hands each call
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k))
     lp = token_logprobs(h, w, t, chunk=chunk)
     assert max(rows) == min(chunk, 50)  # never the whole row's logits at once when it is longer than a chunk
     full = torch.log_softmax(h @ w.T, -1).gather(1, t.clamp_min(0)[:, None])[:, 0] * (t != -100)
