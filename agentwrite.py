@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import requests
 
 from dataset import (TOKENS_PER_WORD, WORD_RE, DataError, add_flags, chat_prompt_ids, count_words, file_digest,
-                     load_tokenizer, read_jsonl)
+                     load_tokenizer, loop_start, read_jsonl)
 
 PLAN_PROMPT = """Plan the piece of writing requested below so that it can be drafted one paragraph at a time.
 
@@ -477,7 +477,7 @@ def writer_settings(cfg) -> dict:
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     return {**writer, "plan": cfg.plan, "section_words": cfg.section_words, "section_limit": cfg.section_limit,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "headings": cfg.headings, "section_min": cfg.section_min,
-            "heading_points": cfg.heading_points,
+            "heading_points": cfg.heading_points, "cut_loops": cfg.cut_loops,
             "repetition_penalty": cfg.repetition_penalty,
             "no_repeat_ngram": cfg.no_repeat_ngram, "plan_tokens": cfg.plan_tokens, "system": cfg.system,
             "context": cfg.context, "plan_prompt": digest(cfg.plan_template), "write_prompt": digest(cfg.write_template),
@@ -486,7 +486,7 @@ def writer_settings(cfg) -> dict:
 
 
 # settings added after files were first written: what those files were written with (top-p was fixed at 0.8)
-SETTINGS_BEFORE = {"top_p": 0.8, "headings": False, "section_min": 0.0, "heading_points": False}
+SETTINGS_BEFORE = {"top_p": 0.8, "headings": False, "section_min": 0.0, "heading_points": False, "cut_loops": False}
 
 
 def stop_odds_record(repetition_penalty: float, no_repeat_ngram: int) -> dict:
@@ -649,10 +649,14 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print,
             kept = trim_to_sentence(text, finish == "length")
             if cfg.section_limit > 0:
                 kept = within_words(kept, int(cfg.section_limit * step["words"]))
+            looped = cfg.cut_loops and loop_start(kept) < count_words(kept)
+            if looped:  # a small writer restating itself in other words: keep what came before
+                kept = within_words(kept, loop_start(kept))
             words = count_words(untitled(kept) if cfg.headings else kept)  # as the record will hold it
             problem = ("has no complete sentence" if not kept else
                        "talks to the requester instead of writing the piece" if CHATTER_RE.match(kept) else
-                       f"has {words} words, under {cfg.section_min:g}x its {step['words']} (--section-min)"
+                       f"has {words} words{' before it starts to loop' if looped else ''}, "
+                       f"under {cfg.section_min:g}x its {step['words']} (--section-min)"
                        if words < cfg.section_min * step["words"] else "")
             if not problem:
                 break
@@ -662,11 +666,12 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print,
             raise APIError(f"paragraph {i + 1} {problem}, {cfg.paragraph_attempts} times")
         paragraphs[i] = kept
         cache.append({"key": key, "kind": "paragraph", "i": i, "text": kept, "finish_reason": finish,
-                      "trimmed": kept != text})
+                      "trimmed": kept != text, **({"looped": looped} if cfg.cut_loops else {})})
         if kept != text:
             done.setdefault("trimmed", set()).add(i)
         log(f"{name}: paragraph {i + 1} of {len(steps)}: {count_words(kept)} words (planned {step['words']})"
-            + (", cut back to its last full sentence" if kept != text else ""))
+            + (", cut back to its last full sentence" if kept != text else "")
+            + (" where it starts to loop" if looped else ""))
 
     missing = [i for i in range(len(steps)) if i not in paragraphs]
     if calls is None:
@@ -726,6 +731,8 @@ class AgentConfig:
     plan_attempts: int = 3               # plans asked per item before it fails (rejected ones stay in the cache)
     paragraph_attempts: int = 3          # a rejected paragraph (no sentence, chatter, too short) is asked this many times
     section_min: float = 0.25            # a paragraph under this x its words is asked again (a bare title); 0: never
+    cut_loops: bool = False              # cut a paragraph where it starts to restate itself (a small writer's loop)
+                                         # at its last sentence before (dataset.loop_start); then --section-min
     min_ratio: float = 0.5               # drop answers shorter than this x the planned words
     max_ratio: float = 1.5               # drop answers longer than this x the planned words
     system: str = ""                     # --checkpoint: system turn; empty: the chat template's default (if any)

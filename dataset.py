@@ -30,6 +30,26 @@ def count_words(text: str) -> int:
     return len(WORD_RE.findall(text))
 
 
+def loop_start(text: str, n: int = 4, window: int = 200, limit: float = 0.3) -> int:
+    """Words (count_words' unit) before a text starts to loop: the start of its first stretch of `window` words in
+    which more than `limit` of the word n-grams were written before in it; all its words when there is none. Why: a
+    no-repeat rule stops verbatim loops of 10 tokens, not paraphrased ones ("This report contains lots of different
+    pieces ..." again and again, each time ending otherwise), which a check for repeated sentences does not see, and
+    past a few hundred words SmolLM2-135M's long answers are such loops (demo.py counts words up to here). In one run's AgentWrite answers (900-3,700 words) the most
+    repetitive 200-word stretch held 4-29% repeated 4-grams (3 of 23 more); in each of the ten answers of the base and
+    the fine-tuned model that ran past 2,900 words, 54-76% (BENCHMARKS.md)."""
+    words = [w.lower() for w in WORD_RE.findall(text)]
+    seen, repeated, count = set(), [], 0
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        repeated.append(gram in seen)
+        seen.add(gram)
+        count += repeated[i] - (repeated[i - window] if i >= window else 0)  # repeats among the last `window`
+        if i + 1 >= window and count > limit * window:
+            return i + 1 - window
+    return len(words)
+
+
 # -----------------------------------------------------------------------------
 # chat templates: each returns the conversation as (text, is_target) pieces; the text may hold special
 # tokens. A conversation that does not end with an assistant turn gets the generation prompt, so the

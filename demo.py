@@ -34,8 +34,8 @@ import torch
 
 import agentwrite
 from convert_gguf import convert, model_config, read_gguf, smollm2_gguf
-from dataset import (TOKENS_PER_WORD, TOPICS, WORD_RE, WORDINGS, add_flags, chat_prompt_ids, count_words,
-                     load_tokenizer, read_jsonl, write_builtin)
+from dataset import (TOKENS_PER_WORD, TOPICS, WORDINGS, add_flags, chat_prompt_ids, count_words,
+                     load_tokenizer, loop_start, read_jsonl, write_builtin)
 from evaluate import length_score, predict_local, read_rows, scatter_svg, table
 from generate import context_of
 from model import Transformer, check_device, compute_dtype, read_config, write_json
@@ -166,6 +166,10 @@ def conclusion(short_cap, long_cap, results, dpo_gain=None) -> str:
     return text
 
 
+# settings added after run folders were first made, as those runs were made (otherwise: the setting's default)
+MADE_BEFORE = {"cut_loops": False}
+
+
 def prepare_out(cfg):
     """A rerun with the same settings resumes; other settings in the same --out need --overwrite."""
     path = os.path.join(cfg.out, "demo_config.json")
@@ -174,7 +178,7 @@ def prepare_out(cfg):
         sys.exit(f"error: {cfg.out} holds files but no demo run (no demo_config.json): choose another --out")
     if os.path.isfile(path) and not cfg.overwrite:
         # a setting added since that run was made counts as its default: what the run was made with
-        saved = {**{k: getattr(type(cfg), k) for k in mine}, **json.load(open(path))}
+        saved = {**{k: MADE_BEFORE.get(k, getattr(type(cfg), k)) for k in mine}, **json.load(open(path))}
         changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in mine.items() if saved[k] != v]
         if changed:
             sys.exit(f"error: {cfg.out} holds a demo run with other settings ({'; '.join(changed)}); "
@@ -324,6 +328,7 @@ class RealConfig:
     section_limit: float = 1.5   # a section that runs past 1.5x its words is cut at its last sentence (it rambles on)
     headings: bool = True        # each AgentWrite section under "## Part k of K": the fine-tuned model can see where it is
     heading_points: bool = False # and the section's point after it ("## Part 2 of 6: how it works"), the plan in the text
+    cut_loops: bool = True       # a section that restates itself is cut where it starts to (or asked again): no loops to learn
     temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
     top_p: float = 0.9
     samples: int = 1             # answers per held-out request; a request counts once, as the mean of its samples
@@ -511,26 +516,6 @@ def parts(text: str) -> tuple[int, bool]:
     return len(found), any(k > n for k, n in found)
 
 
-def loop_start(text: str, n: int = 4, window: int = 200, limit: float = 0.3) -> int:
-    """Words (count_words' unit) before the answer starts to loop: the start of its first stretch of `window` words in
-    which more than `limit` of the word n-grams were written before in it; all its words when there is none. Why: the
-    no-repeat rule stops verbatim loops of 10 tokens, not paraphrased ones ("This report contains lots of different
-    pieces ..." again and again, each time ending otherwise), which the checks above do not see, and past a few hundred
-    words SmolLM2-135M's long answers are such loops. In one run's AgentWrite answers (900-3,700 words) the most
-    repetitive 200-word stretch held 4-29% repeated 4-grams (3 of 23 more); in each of the ten answers of the base and
-    the fine-tuned model that ran past 2,900 words, 54-76% (BENCHMARKS.md)."""
-    words = [w.lower() for w in WORD_RE.findall(text)]
-    seen, repeated, count = set(), [], 0
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i:i + n])
-        repeated.append(gram in seen)
-        seen.add(gram)
-        count += repeated[i] - (repeated[i - window] if i >= window else 0)  # repeats among the last `window`
-        if i + 1 >= window and count > limit * window:
-            return i + 1 - window
-    return len(words)
-
-
 def passage(text: str, head=90, tail=40) -> str:
     """The answer's first `head` and last `tail` words (how it starts and how it ends)."""
     words = text.split()
@@ -595,7 +580,8 @@ def agent_config(cfg: RealConfig, base: str) -> agentwrite.AgentConfig:
     return agentwrite.AgentConfig(input=os.path.join(cfg.out, "instructions.jsonl"),
                                   output=os.path.join(cfg.out, "agentwrite.jsonl"), checkpoint=base, plan="skeleton",
                                   section_words=cfg.section_words, section_limit=cfg.section_limit,
-                                  headings=cfg.headings, heading_points=cfg.heading_points, workers=cfg.slots,
+                                  headings=cfg.headings, heading_points=cfg.heading_points, cut_loops=cfg.cut_loops,
+                                  workers=cfg.slots,
                                   dtype=real_dtype(cfg), temperature=cfg.temperature, top_p=cfg.top_p,
                                   repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
 

@@ -980,6 +980,57 @@ def test_heading_points_put_each_sections_point_in_its_heading(tmp_path):
     assert not (tmp_path / "none.jsonl").exists()
 
 
+SECTIONS = json.load(open(os.path.join(ROOT, "tests", "data", "smollm2_sections.json")))
+
+
+class LoopingWriter(SectionWriter):
+    """Real SmolLM2-135M sections: the one about the background restates itself from ~word 130 on the first time it
+    is asked (tests/data/smollm2_sections.json), every other answer is the one that does not loop."""
+
+    def complete(self, messages, max_tokens, temperature=0.7):
+        self.calls.append(messages[-1]["content"])
+        first = sum("background" in c for c in self.calls) == 1 and "background" in self.calls[-1]
+        return SECTIONS["looping" if first else "clean"], "stop"
+
+
+def test_cut_loops_keeps_a_section_up_to_where_it_starts_to_restate_itself(tmp_path):
+    """--cut-loops: 4 of 22 AgentWrite answers of the demo's twenty-fifth run held a section that loops (the same
+    paragraph in other words, past any n-gram ban), SFT data that teaches the loop. The part before the loop is kept;
+    when it is under --section-min, the section is asked again."""
+    from dataset import count_words, loop_start
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Write an essay on bridges in about 1050 words.", "id": "bridges"}) + "\n")
+    cfg = lambda out, **kw: AgentConfig(input=str(inputs), output=str(tmp_path / out), plan="skeleton", workers=1, **kw)
+    looping = SECTIONS["looping"]
+    assert loop_start(looping) == 132 < count_words(looping) == 487 and loop_start(SECTIONS["clean"]) == 493
+
+    def paragraphs(out):
+        cache = [json.loads(l) for l in open(tmp_path / (out + ".cache.jsonl"))]
+        return {r["i"]: r for r in cache if r["kind"] == "paragraph"}
+
+    writer, lines = LoopingWriter(), []
+    assert run(cfg("cut.jsonl", cut_loops=True), client=writer, log=lines.append)["done"] == 1
+    second = paragraphs("cut.jsonl")[1]
+    assert second["looped"] is True and second["trimmed"] is True and len(writer.calls) == 3  # kept, not asked again
+    assert looping.startswith(second["text"]) and 87 < count_words(second["text"]) <= 132  # up to its last full sentence
+    assert loop_start(second["text"]) == count_words(second["text"]) and second["text"].endswith(".")
+    assert any("paragraph 2 of 3" in l and "where it starts to loop" in l for l in lines)
+    assert not paragraphs("cut.jsonl")[0].get("looped") and paragraphs("cut.jsonl")[0]["text"] == SECTIONS["clean"]
+    record = json.loads((tmp_path / "cut.jsonl").read_text())
+    assert record["writer"]["cut_loops"] is True and record["trimmed_paragraphs"] == [1]
+
+    writer, lines = LoopingWriter(), []  # what comes before the loop is under --section-min: asked again
+    assert run(cfg("again.jsonl", cut_loops=True, section_min=0.5), client=writer, log=lines.append)["done"] == 1
+    assert paragraphs("again.jsonl")[1]["text"] == SECTIONS["clean"] and len(writer.calls) == 4
+    assert any("before it starts to loop, under 0.5x its 350 (--section-min) (attempt 1 of 3)" in l for l in lines)
+
+    writer = LoopingWriter()  # off (the default): the loop stays, as before
+    assert run(cfg("whole.jsonl"), client=writer, log=quiet)["done"] == 1
+    assert paragraphs("whole.jsonl")[1]["text"] == looping and "looped" not in paragraphs("whole.jsonl")[1]
+    with pytest.raises(ValueError, match=r"cut_loops: False there, True now"):  # records of both kinds never mix
+        run(cfg("whole.jsonl", cut_loops=True), client=LoopingWriter(), log=quiet)
+
+
 class TitleWriter(SectionWriter):
     """SmolLM2-135M's other habit (two of its 24 AgentWrite answers in the real-model demo): a section that is
     only a title ("Title: Volcanoes: The Unyielding Power of Nature") or a list of headings, here the first `bad`

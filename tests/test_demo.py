@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cli import run_cli
-from dataset import count_words
+from dataset import count_words, loop_start
 from evaluate import length_score
-from demo import (RealConfig, bootstrap_ci, longest_repeat, loop_start, parts, real_conclusion, real_dtype, real_results,
+from demo import (RealConfig, bootstrap_ci, longest_repeat, parts, real_conclusion, real_dtype, real_results,
                   run_real, run_together, train_instructions)
 
 TINY = ["--steps", "12", "--prompts-per-length", "2", "--eval-lengths", "100,400", "--short-cap", "200",
@@ -137,6 +137,7 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert sorted(re.findall(r"^## Part \d+ of \d+$", r["messages"][1]["content"], re.M) for r in records) == [
         ["## Part 1 of 2", "## Part 2 of 2"]] * 2 + [["## Part 1 of 3", "## Part 2 of 3", "## Part 3 of 3"]]  # --headings
     assert all(r["writer"]["top_p"] == cfg.top_p for r in records)  # sampled as the answers are
+    assert all(r["writer"]["cut_loops"] is True for r in records)  # no section that loops is kept whole
     scores = json.load(open(out / "scores.json"))
     assert set(scores["models"]) == {"base", "sft"} and scores["conclusion"] in stdout
     assert scores["models"]["base"]["all"]["n"] == 4 and scores["models"]["base"]["all"]["answers"] == 8
@@ -368,6 +369,12 @@ def test_a_run_made_before_a_setting_existed_resumes_and_other_settings_are_refu
     path.write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"other settings \(--heading-points False -> True\)"):
         prepare_out(dataclasses.replace(cfg, heading_points=True))
+    del saved["cut_loops"]  # added later with a default of True: such folders were made without it
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"other settings \(--cut-loops False -> True\)"):
+        prepare_out(cfg)
+    prepare_out(dataclasses.replace(cfg, cut_loops=False))  # --no-cut-loops resumes it
+    assert json.loads(path.read_text())["cut_loops"] is False
 
 
 def test_the_real_demo_checks_its_inputs_before_writing_anything(tmp_path):
