@@ -167,7 +167,7 @@ def conclusion(short_cap, long_cap, results, dpo_gain=None) -> str:
 
 
 # settings added after run folders were first made, as those runs were made (otherwise: the setting's default)
-MADE_BEFORE = {"cut_loops": False}
+MADE_BEFORE = {"cut_loops": False, "heading_points": False}
 
 
 def prepare_out(cfg):
@@ -327,7 +327,7 @@ class RealConfig:
     section_words: int = 350     # AgentWrite sections of about this many words (what the model writes when asked)
     section_limit: float = 1.5   # a section that runs past 1.5x its words is cut at its last sentence (it rambles on)
     headings: bool = True        # each AgentWrite section under "## Part k of K": the fine-tuned model can see where it is
-    heading_points: bool = False # and the section's point after it ("## Part 2 of 6: how it works"), the plan in the text
+    heading_points: bool = True  # and the section's point after it ("## Part 2 of 6: how it works"), the plan in the text
     cut_loops: bool = True       # a section that restates itself is cut where it starts to (or asked again): no loops to learn
     temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
     top_p: float = 0.9
@@ -335,7 +335,7 @@ class RealConfig:
     repetition_penalty: float = 1.1  # over the last 64 tokens: without it the 135M model repeats a sentence
     no_repeat_ngram: int = 10    # and no answer repeats one of its own 10-grams (whole paragraphs looped)
     sft_epochs: int = 3          # SFT on AgentWrite's answers
-    sft_lr: float = 1e-4
+    sft_lr: float = 3e-4         # with heading points: S_l apart from the base's in 2 of 2 draws (1e-4: 1 of 4 runs)
     freeze_layers: int = 20      # SFT trains the top 30 - N blocks (1.7x faster steps on CPU); 0: the whole model
     max_tokens: int = 6144       # SFT rows (the longest answers are ~4,500 words)
     slots: int = 16              # rows decoded at once when answering and writing

@@ -134,8 +134,9 @@ def test_the_real_model_demo_runs_every_stage_on_a_tiny_gguf_model_and_reuses_th
     assert all(p["generation"]["dtype"] == real_dtype(cfg) for p in preds)  # another dtype: answered again
     records = [json.loads(l) for l in open(out / "agentwrite.jsonl")]
     assert len(records) == 3 and writer.calls == 2 + 3 + 2  # 60 words: 2 sections, 90: 3, 60: 2
-    assert sorted(re.findall(r"^## Part \d+ of \d+$", r["messages"][1]["content"], re.M) for r in records) == [
+    assert sorted(re.findall(r"^(## Part \d+ of \d+): \w", r["messages"][1]["content"], re.M) for r in records) == [
         ["## Part 1 of 2", "## Part 2 of 2"]] * 2 + [["## Part 1 of 3", "## Part 2 of 3", "## Part 3 of 3"]]  # --headings
+    assert all(r["writer"]["heading_points"] is True for r in records)  # each heading names its section's point
     assert all(r["writer"]["top_p"] == cfg.top_p for r in records)  # sampled as the answers are
     assert all(r["writer"]["cut_loops"] is True for r in records)  # no section that loops is kept whole
     scores = json.load(open(out / "scores.json"))
@@ -355,10 +356,11 @@ def test_bad_input_found_inside_a_stage_ends_the_demo_with_one_error_line(monkey
 
 
 def test_a_run_made_before_a_setting_existed_resumes_and_other_settings_are_refused(tmp_path):
-    """A run folder of an older demo has no --heading-points in its demo_config.json: it was made without them, the
-    default, and a rerun resumes it (it was refused as "other settings", None -> False)."""
+    """A run folder of an older demo has no --heading-points in its demo_config.json: it was made without them, and a
+    rerun with --no-heading-points resumes it (it was refused as "other settings", None -> False); the default now
+    puts them in, so a default rerun is refused rather than mixing two kinds of training answers."""
     from demo import prepare_out
-    cfg = RealConfig(out=str(tmp_path / "run"))
+    cfg = RealConfig(out=str(tmp_path / "run"), heading_points=False)
     prepare_out(cfg)
     path = tmp_path / "run" / "demo_config.json"
     saved = json.loads(path.read_text())
@@ -369,6 +371,7 @@ def test_a_run_made_before_a_setting_existed_resumes_and_other_settings_are_refu
     path.write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"other settings \(--heading-points False -> True\)"):
         prepare_out(dataclasses.replace(cfg, heading_points=True))
+    assert RealConfig.heading_points is True
     del saved["cut_loops"]  # added later with a default of True: such folders were made without it
     path.write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"other settings \(--cut-loops False -> True\)"):
