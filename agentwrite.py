@@ -649,9 +649,10 @@ def write_item(client, key, source, cache: JsonlLog, done: dict, cfg, log=print,
             kept = trim_to_sentence(text, finish == "length")
             if cfg.section_limit > 0:
                 kept = within_words(kept, int(cfg.section_limit * step["words"]))
-            looped = cfg.cut_loops and loop_start(kept) < count_words(kept)
+            start = loop_start(kept) if cfg.cut_loops else count_words(kept)
+            looped = start < count_words(kept)
             if looped:  # a small writer restating itself in other words: keep what came before
-                kept = within_words(kept, loop_start(kept))
+                kept = within_words(kept, start)
             words = count_words(untitled(kept) if cfg.headings else kept)  # as the record will hold it
             problem = ("has no complete sentence" if not kept else
                        "talks to the requester instead of writing the piece" if CHATTER_RE.match(kept) else

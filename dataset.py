@@ -35,9 +35,10 @@ def loop_start(text: str, n: int = 4, window: int = 200, limit: float = 0.3) -> 
     which more than `limit` of the word n-grams were written before in it; all its words when there is none. Why: a
     no-repeat rule stops verbatim loops of 10 tokens, not paraphrased ones ("This report contains lots of different
     pieces ..." again and again, each time ending otherwise), which a check for repeated sentences does not see, and
-    past a few hundred words SmolLM2-135M's long answers are such loops (demo.py counts words up to here). In one run's AgentWrite answers (900-3,700 words) the most
-    repetitive 200-word stretch held 4-29% repeated 4-grams (3 of 23 more); in each of the ten answers of the base and
-    the fine-tuned model that ran past 2,900 words, 54-76% (BENCHMARKS.md)."""
+    past a few hundred words SmolLM2-135M's long answers are such loops (demo.py counts words up to here; agentwrite
+    --cut-loops cuts a section here). In one run's AgentWrite answers (900-3,700 words) the most repetitive 200-word
+    stretch held 4-29% repeated 4-grams (3 of 23 more); in each of the ten answers of the base and the fine-tuned
+    model that ran past 2,900 words, 54-76% (BENCHMARKS.md)."""
     words = [w.lower() for w in WORD_RE.findall(text)]
     seen, repeated, count = set(), [], 0
     for i in range(len(words) - n + 1):

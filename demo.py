@@ -177,7 +177,7 @@ def prepare_out(cfg):
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.isfile(path):  # never touch others' files
         sys.exit(f"error: {cfg.out} holds files but no demo run (no demo_config.json): choose another --out")
     if os.path.isfile(path) and not cfg.overwrite:
-        # a setting added since that run was made counts as its default: what the run was made with
+        # a setting added since that run was made counts as what the run was made with (MADE_BEFORE, else its default)
         saved = {**{k: MADE_BEFORE.get(k, getattr(type(cfg), k)) for k in mine}, **json.load(open(path))}
         changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in mine.items() if saved[k] != v]
         if changed:
@@ -328,7 +328,7 @@ class RealConfig:
     section_limit: float = 1.5   # a section that runs past 1.5x its words is cut at its last sentence (it rambles on)
     headings: bool = True        # each AgentWrite section under "## Part k of K": the fine-tuned model can see where it is
     heading_points: bool = True  # and the section's point after it ("## Part 2 of 6: how it works"), the plan in the text
-    cut_loops: bool = True       # a section that restates itself is cut where it starts to (or asked again): no loops to learn
+    cut_loops: bool = True       # a section that restates itself is cut where it starts to: no loops to learn
     temperature: float = 0.7     # sampling, the same for both models and for AgentWrite
     top_p: float = 0.9
     samples: int = 1             # answers per held-out request; a request counts once, as the mean of its samples
