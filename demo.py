@@ -335,7 +335,7 @@ class RealConfig:
     repetition_penalty: float = 1.1  # over the last 64 tokens: without it the 135M model repeats a sentence
     no_repeat_ngram: int = 10    # and no answer repeats one of its own 10-grams (whole paragraphs looped)
     sft_epochs: int = 3          # SFT on AgentWrite's answers
-    sft_lr: float = 3e-4         # with heading points: S_l apart from the base's in 2 of 2 draws (1e-4: 1 of 4 runs)
+    sft_lr: float = 3e-4         # with heading points, loop-free as long as the base model (1e-4: shorter; BENCHMARKS.md)
     freeze_layers: int = 20      # SFT trains the top 30 - N blocks (1.7x faster steps on CPU); 0: the whole model
     max_tokens: int = 6144       # SFT rows (the longest answers are ~4,500 words)
     slots: int = 16              # rows decoded at once when answering and writing
@@ -581,8 +581,7 @@ def agent_config(cfg: RealConfig, base: str) -> agentwrite.AgentConfig:
                                   output=os.path.join(cfg.out, "agentwrite.jsonl"), checkpoint=base, plan="skeleton",
                                   section_words=cfg.section_words, section_limit=cfg.section_limit,
                                   headings=cfg.headings, heading_points=cfg.heading_points, cut_loops=cfg.cut_loops,
-                                  workers=cfg.slots,
-                                  dtype=real_dtype(cfg), temperature=cfg.temperature, top_p=cfg.top_p,
+                                  workers=cfg.slots, dtype=real_dtype(cfg), temperature=cfg.temperature, top_p=cfg.top_p,
                                   repetition_penalty=cfg.repetition_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
 
 
